@@ -1,0 +1,284 @@
+"""
+Masked mixer, transformer and hybrid ("transfixer") language models in one file.
+
+Badger, "Masked Mixers for Language Generation and Retrieval" (2024): replace self-attention by a
+causally masked, learned [T, T] mixing over the token axis. All three models here share one block:
+
+    x = x + mix(norm(x))      # the only part that differs between architectures
+    x = x + mlp(norm(x))
+
+Fairness: the paper's mixer used LayerNorm + GELU MLP and its best transformer RMSNorm + SwiGLU.
+Here every arch uses the same RMSNorm and SwiGLU MLP (and the same final norm and untied head), so a
+comparison measures the token mixing alone.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("mixer", "transformer", "hybrid")
+
+
+@dataclass
+class Config:
+    arch: str = "mixer"         # "mixer" | "transformer" | "hybrid"
+    vocab_size: int = 50304     # GPT-2's 50257 padded up to a multiple of 64
+    block_size: int = 512       # context length; part of the mixer's weights (W is [T, T])
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4             # attention heads (transformer, hybrid)
+    mixer_heads: int = 1        # masked-mixing heads; 1 = the paper's flat mixer (no projections)
+    dropout: float = 0.0
+    bias: bool = False          # biases in Linear layers (the per-position mixing bias is always on)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        for heads in ("n_head", "mixer_heads"):
+            if self.n_embd % getattr(self, heads):
+                raise ValueError(f"n_embd={self.n_embd} is not divisible by {heads}={getattr(self, heads)}")
+
+
+# Generation cache: one dict for the whole model, each module storing its past [B, h, t, dh]
+# tensors under keys of its own (the module itself, or (module, name)).
+def cached_length(cache, key):
+    return cache[key].size(2) if cache and key in cache else 0
+
+
+def append_to_cache(cache, key, new):
+    """Concatenate new [B, h, T_new, dh] onto cache[key] along time and return the whole."""
+    if cache is None:
+        return new
+    cache[key] = torch.cat([cache[key], new], dim=2) if key in cache else new
+    return cache[key]
+
+
+class MaskedMixing(nn.Module):
+    """y_i = sum_{j <= i} W[i, j] x_j + b_i, per head, over the token axis.
+
+    W is a learned [T, T] matrix per head (T = block_size). A registered lower-triangular mask is
+    multiplied in on every forward, so masked entries never influence the output and get exactly
+    zero gradient. No positional encoding is needed: W[i, j] is specific to positions i and j.
+    Inputs shorter than T use the top-left [t, t] corner, which is exact because of the mask.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        T, h = config.block_size, config.mixer_heads
+        self.n_head = h
+        # heads > 1: each head sees its own projection of x (one Linear, split into heads) and the
+        # concatenated heads are projected back. One head is the paper's flat mixer: no projections.
+        self.proj_in = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
+        self.proj_out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
+        self.weight = nn.Parameter(torch.empty(h, T, T))
+        self.bias = nn.Parameter(torch.zeros(h, T, 1))  # one bias per head and output position
+        self.register_buffer("mask", torch.tril(torch.ones(T, T)), persistent=False)
+        # PyTorch's default init draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = T for every
+        # row. Row i of the masked matrix has only i + 1 live inputs, so that would make early
+        # positions' outputs far smaller than late ones'. Use each row's true fan-in instead.
+        bound = 1.0 / torch.arange(1, T + 1).float().sqrt()  # [T]
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0).mul_(bound.view(1, T, 1))
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        v = self.proj_in(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, h, T, dh]
+        t0 = cached_length(cache, self)  # positions computed before this call
+        v = append_to_cache(cache, self, v)  # [B, h, t0 + T, dh]
+        rows = slice(t0, t0 + T)  # the output positions computed now
+        w = self.weight[:, rows, : t0 + T] * self.mask[rows, : t0 + T]  # [h, T, t0 + T]
+        y = w @ v + self.bias[:, rows]  # [B, h, T, dh]
+        return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def rope_tables(head_dim, block_size, base=10000.0):
+    """cos/sin of RoPE angles, each [block_size, head_dim // 2]."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(block_size).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + dh/2]) of x [B, h, T, dh] by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Llama-style causal self-attention: RoPE positions, no biases, fused SDPA kernel."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj_out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x [B, h, T, dh]
+        t0 = cached_length(cache, (self, "k"))
+        pos = slice(t0, t0 + T)
+        q, k = apply_rope(q, self.cos[pos], self.sin[pos]), apply_rope(k, self.cos[pos], self.sin[pos])
+        k = append_to_cache(cache, (self, "k"), k)
+        v = append_to_cache(cache, (self, "v"), v)
+        # is_causal masks top-left aligned, which is right for a prefill (t0 == 0); a cached decode
+        # step adds one query that may see every key, so it needs no mask.
+        assert t0 == 0 or T == 1, "cached attention extends one token at a time"
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=t0 == 0,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class AttentionThenMixing(nn.Module):
+    """The paper's "transfixer": attention output a is also masked-mixed, a + mix(a)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn = Attention(config)
+        self.mix = MaskedMixing(config)
+
+    def forward(self, x, cache=None):
+        a = self.attn(x, cache)
+        return a + self.mix(a, cache)
+
+
+TOKEN_MIXERS = {"mixer": MaskedMixing, "transformer": Attention, "hybrid": AttentionThenMixing}
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: down(silu(gate(x)) * up(x)). Hidden width 8d/3 (rounded up to a multiple of 64)
+    gives about the parameters and FLOPs of a 4d GELU MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+        self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.proj_out = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x):
+        return self.proj_out(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    """The one block skeleton: x + mix(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm_mix = nn.RMSNorm(config.n_embd)
+        self.mix = TOKEN_MIXERS[config.arch](config)
+        self.norm_mlp = nn.RMSNorm(config.n_embd)
+        self.mlp = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None):
+        x = x + self.dropout(self.mix(self.norm_mix(x), cache))
+        return x + self.dropout(self.mlp(self.norm_mlp(x)))
+
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_out = nn.RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as in the paper
+        # GPT-2 init for the dense layers. Each residual branch ends in a proj_out whose weights are
+        # scaled down with depth, so the residual stream's variance does not grow with n_layer (flat
+        # mixers have no proj_out: their branch scale comes from the per-row mixing init).
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj_out.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(self, idx, cache=None):
+        """Final normalised hidden states [B, T, n_embd] (the input to lm_head)."""
+        T = idx.size(1) + (next(iter(cache.values())).size(2) if cache else 0)  # cached + new positions
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}: "
+                             f"crop the input to the last {self.config.block_size} tokens")
+        x = self.dropout(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.norm_out(x)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx [B, T] -> logits [B, T, vocab] and, with targets [B, T] (-1 = ignore), the mean CE loss."""
+        logits = self.lm_head(self.hidden_states(idx, cache))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def embed(self, idx, lengths=None):
+        """Retrieval embedding [B, n_embd]: the final hidden state at each sequence's last real token.
+
+        Why that position: our loss trains every input position (targets are the inputs shifted by
+        one inside a block_size + 1 window), so the last token's state is trained and is the only one
+        that has seen the whole text. (The author used the second-to-last token because in his setup
+        the last position never received a loss.) Sequences can be right-padded with any token:
+        causality makes position lengths - 1 blind to everything after it.
+        """
+        h = self.hidden_states(idx)
+        if lengths is None:
+            return h[:, -1]
+        return h[torch.arange(idx.size(0), device=idx.device), lengths.to(idx.device) - 1]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx [B, T]. temperature 0 is greedy.
+
+        With use_cache, each layer keeps what it needs of past positions (mixer: its normalised
+        inputs; attention: K and V), so a new token costs O(t) instead of a full forward. Past
+        block_size the context is cropped to the last block_size tokens as in nanoGPT; positions are
+        absolute, so every crop shifts all of them and the window is recomputed from scratch.
+        """
+        cache = {}
+        for _ in range(max_new_tokens):
+            if cache and idx.size(1) <= self.config.block_size:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                cache = {}
+                logits, _ = self(idx[:, -self.config.block_size:], cache=cache if use_cache else None)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits[logits < kth] = -float("inf")
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs (forward + backward = 3 x forward) per token at sequence length T.
+
+        Forward: 2 FLOPs per weight of every matmul (the embedding is a lookup; the [T, T] mixing
+        weights are counted below), plus the sequence-length-dependent matmuls of each layer, each
+        2 * T * n_embd per token: attention has two (Q K^T and A V), the mixer one (W x), the hybrid
+        three. Counted dense, as executed (nanoGPT counts attention the same way).
+        """
+        T = T or self.config.block_size
+        dense = sum(p.numel() for p in self.parameters() if p.dim() == 2) - self.wte.weight.numel()
+        seq_matmuls = {"mixer": 1, "transformer": 2, "hybrid": 3}[self.config.arch]
+        forward = 2 * dense + self.config.n_layer * seq_matmuls * 2 * T * self.config.n_embd
+        return 3 * forward
