@@ -157,3 +157,178 @@ def test_overfits_one_batch_of_real_text(variant, gpt2):
         loss.backward()
         opt.step()
     assert loss.item() < 0.5, f"{variant} did not memorise 128 tokens: loss {loss.item():.3f} (starts near 10.8)"
+
+
+# ------------------------------------------------------------------------------------- data_prep.py
+
+import gzip  # noqa: E402  (kept beside the tests that use them)
+import json  # noqa: E402
+import lzma  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, HTTPServer  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import data_prep  # noqa: E402
+
+STORIES = ["Once upon a time there was a cat.\nIt liked milk.", "Tom had a red ball. He lost it!",
+           "Sue saw a big, big tree.", "The dog ran home fast."]
+SUMMARIES = ["A cat likes milk.", "Tom loses his ball.", "Sue sees a tree.", "A dog runs home."]
+
+
+def official_txt(stories):
+    return "".join(f"{s}\n<|endoftext|>\n" for s in stories)
+
+
+def instruct_txt(stories, summaries):
+    return "".join(f"Features: Dialogue\nWords: cat, ball\nSummary: {m}\nRandom sentence: Hi.\nStory: \n{s}\n"
+                   "<|endoftext|>\n" for s, m in zip(stories, summaries))
+
+
+def prep(*argv):
+    data_prep.main([str(a) for a in argv])
+
+
+def prep_error(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        prep(*argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def decoded_stories(out_dir, split, enc):
+    ids = np.fromfile(out_dir / f"{split}.bin", dtype=np.uint16).tolist()
+    assert ids and ids[-1] == enc.eot_token
+    return enc.decode(ids).split("<|endoftext|>")[:-1]
+
+
+@pytest.fixture(scope="module")
+def sample_stories():
+    if not SAMPLE_TEXT.exists():
+        pytest.skip(f"real text not found at {SAMPLE_TEXT}")
+    return [s.strip() for s in SAMPLE_TEXT.read_text(encoding="utf-8").split("<|endoftext|>") if s.strip()]
+
+
+def test_round_trip_and_split_sizes_on_real_text(tmp_path, sample_stories, gpt2):
+    prep("--input", SAMPLE_TEXT, "--out_dir", tmp_path, "--val_fraction", 0.1)
+    train, val = decoded_stories(tmp_path, "train", gpt2), decoded_stories(tmp_path, "val", gpt2)
+    assert sorted(train + val) == sorted(sample_stories)
+    assert not set(train) & set(val)
+    assert 0.07 < len(val) / len(sample_stories) < 0.13
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["stories"] == {"train": len(train), "val": len(val)}
+    assert meta["tokens"]["train"] == (tmp_path / "train.bin").stat().st_size // 2
+    assert meta["sources"][0]["sha256"].startswith("466e0c32b972a2a3")
+
+
+def test_rerun_is_a_no_op_unless_forced(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(official_txt(STORIES * 20))
+    args = ("--input", tmp_path / "in.txt", "--out_dir", tmp_path / "out", "--val_fraction", 0.3)
+    prep(*args)
+    mtime = (tmp_path / "out" / "train.bin").stat().st_mtime_ns
+    capsys.readouterr()
+    prep(*args)
+    assert "already holds" in capsys.readouterr().out
+    assert (tmp_path / "out" / "train.bin").stat().st_mtime_ns == mtime
+    prep(*args, "--vocab_size", 1024)  # other settings: redone
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["vocab_size"] == 1024
+    prep(*args, "--vocab_size", 1024, "--force")
+    assert "already holds" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("vocab_size", [4096, 8192])
+def test_truncated_vocab_is_a_valid_encoding(vocab_size, sample_stories, gpt2):
+    enc = data_prep.load_encoding({"encoding": "gpt2", "vocab_size": vocab_size})
+    assert enc.n_vocab == vocab_size and enc.eot_token == vocab_size - 1
+    for story in sample_stories[:300]:
+        ids = enc.encode_ordinary(story)
+        assert max(ids) < vocab_size - 1
+        assert enc.decode(ids) == story
+        assert len(ids) >= len(gpt2.encode_ordinary(story))  # fewer merges, never shorter
+
+
+def test_each_input_format_gives_the_same_stories(tmp_path, gpt2):
+    records = [{"story": s, "summary": m} for s, m in zip(STORIES, SUMMARIES)]
+    files = {
+        "official.txt": official_txt(STORIES).encode(),
+        "instruct.txt": instruct_txt(STORIES, SUMMARIES).encode(),
+        "stories.jsonl": "".join(json.dumps(r) + "\n" for r in records).encode(),
+        "text.jsonl": "".join(json.dumps({"text": s}) + "\n" for s in STORIES).encode(),
+        "stories.json": json.dumps(records).encode(),
+        "official.txt.gz": gzip.compress(official_txt(STORIES).encode()),
+        "stories.jsonl.xz": lzma.compress("".join(json.dumps(r) + "\n" for r in records).encode()),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        out = tmp_path / f"out_{name}"
+        prep("--input", tmp_path / name, "--val_input", tmp_path / "official.txt", "--out_dir", out)
+        assert decoded_stories(out, "train", gpt2) == STORIES, name
+        has_summaries = name.startswith(("instruct", "stories"))
+        assert (out / "pairs_train.jsonl").exists() == has_summaries, name
+        if has_summaries:
+            pairs = [json.loads(line) for line in (out / "pairs_train.jsonl").read_text().splitlines()]
+            assert pairs == [{"summary": m, "story": s} for s, m in zip(STORIES, SUMMARIES)], name
+
+
+def test_pairs_split_keeps_each_story_on_one_side(tmp_path):
+    stories = [f"Story number {i} is about a frog." for i in range(300)]
+    summaries = [f"Frog {i}." for i in range(300)]
+    # each story appears twice, with two summaries
+    (tmp_path / "in.txt").write_text(instruct_txt(stories * 2, summaries + [s + " Again." for s in summaries]))
+    prep("--input", tmp_path / "in.txt", "--out_dir", tmp_path, "--val_fraction", 0.2)
+    read = lambda split: [json.loads(x) for x in (tmp_path / f"pairs_{split}.jsonl").read_text().splitlines()]  # noqa: E731
+    train, val = read("train"), read("val")
+    assert len(train) + len(val) == 600 and len(val) > 50
+    assert not {p["story"] for p in train} & {p["story"] for p in val}
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, capsys, monkeypatch):
+    out = ("--out_dir", tmp_path / "out")
+    assert "not found: " in prep_error(capsys, "--input", tmp_path / "missing.txt", *out)
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty" in prep_error(capsys, "--input", tmp_path / "empty.txt", *out)
+    (tmp_path / "none.txt").write_text("<|endoftext|>\n\n<|endoftext|>\n")
+    assert "no stories found" in prep_error(capsys, "--input", tmp_path / "none.txt", *out)
+    good = b"A fine story.\n<|endoftext|>\nBad "
+    (tmp_path / "bad.txt").write_bytes(good + b"\xff byte\n")
+    assert f"byte offset {len(good)}" in prep_error(capsys, "--input", tmp_path / "bad.txt", *out)
+    (tmp_path / "bad.jsonl").write_text('{"title": "no story"}\n')
+    assert "line 1 has no \"story\"" in prep_error(capsys, "--input", tmp_path / "bad.jsonl", *out)
+    (tmp_path / "ok.txt").write_text(official_txt(STORIES))
+    assert "uint16" in prep_error(capsys, "--input", tmp_path / "ok.txt", "--vocab_size", 70000, *out)
+    # a failure after tokenizing has started leaves nothing that looks like output
+    assert "none.txt: no stories" in prep_error(capsys, "--input", tmp_path / "ok.txt", tmp_path / "none.txt", *out)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(data_prep, "HF_URL", "http://127.0.0.1:9/")  # nothing listens: as if offline
+    assert "--input" in prep_error(capsys, "--download_dir", tmp_path / "dl", *out)
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_download_resumes_a_partial_file(tmp_path):
+    payload = bytes(range(256)) * 40
+    ranges = []
+
+    class RangeServer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ranges.append(self.headers.get("Range"))
+            start = int(re.match(r"bytes=(\d+)-", self.headers.get("Range") or "bytes=0-").group(1))
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            self.wfile.write(payload[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), RangeServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "f.txt.part").write_bytes(payload[:1000])
+        path = data_prep.download(f"http://127.0.0.1:{server.server_port}/f.txt", tmp_path / "f.txt")
+    finally:
+        server.shutdown()
+    assert ranges == ["bytes=1000-"]
+    assert path.read_bytes() == payload and not (tmp_path / "f.txt.part").exists()

@@ -1,0 +1,365 @@
+"""
+TinyStories -> GPT-2 BPE tokens (tiktoken) -> uint16 train.bin / val.bin, nanoGPT layout.
+
+    python data_prep.py                                   # download TinyStoriesV2-GPT4, tokenize
+    python data_prep.py --max_stories 100000              # a quick start: the first 100k stories
+    python data_prep.py --input my_stories.txt.gz         # offline / own data (val split taken from it)
+    python data_prep.py --vocab_size 4096                 # GPT-2 BPE cut to its first 4095 merges + EOT
+
+Writes to --out_dir: train.bin, val.bin (uint16 token ids, one <|endoftext|> after every story),
+meta.json (the encoding, counts, sources), and pairs_train.jsonl / pairs_val.jsonl ({"summary",
+"story"}) when the input has summaries. Every output is written to a temp file and renamed, and
+meta.json is written last: a folder with a meta.json is complete.
+"""
+import argparse
+import gzip
+import hashlib
+import itertools
+import json
+import lzma
+import os
+import re
+import sys
+import time
+import zlib
+from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
+
+import numpy as np
+import tiktoken
+
+HF_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+DOWNLOADS = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
+EOT = "<|endoftext|>"
+STORIES_PER_CHUNK = 2048  # the unit of parallel tokenization; bounds memory
+
+
+class DataError(Exception):
+    """Bad input: reported as one line and exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------- encoding
+
+def load_encoding(meta):
+    """The tiktoken encoding a meta.json describes. The one place train/sample/retrieve get it from.
+
+    vocab_size < 50257 keeps GPT-2's first vocab_size - 1 BPE ranks and maps <|endoftext|> to
+    vocab_size - 1. The truncated table is a valid BPE: tiktoken merges lowest rank first and every
+    token's parts rank below it, so encoding simply stops before the dropped merges. Ids are GPT-2's.
+    """
+    name, vocab_size = meta["encoding"], meta["vocab_size"]
+    if name != "gpt2":
+        raise DataError(f"unknown encoding {name!r} in meta.json (only 'gpt2' is supported)")
+    try:
+        full = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken fetches its BPE files on first use
+        raise DataError(f"could not load tiktoken's GPT-2 files ({type(e).__name__}); offline, set "
+                        "TIKTOKEN_CACHE_DIR to a folder holding them") from None
+    if vocab_size == full.n_vocab:
+        return full
+    if vocab_size > 65536:
+        raise DataError(f"--vocab_size {vocab_size} does not fit uint16 shards (at most 65536)")
+    if not 257 <= vocab_size <= full.n_vocab:
+        raise DataError(f"--vocab_size must be between 257 (the 256 bytes + EOT) and {full.n_vocab}")
+    ranks = {token: rank for token, rank in full._mergeable_ranks.items() if rank < vocab_size - 1}
+    return tiktoken.Encoding(name=f"gpt2_{vocab_size}", pat_str=full._pat_str,
+                             mergeable_ranks=ranks, special_tokens={EOT: vocab_size - 1})
+
+
+# ---------------------------------------------------------------------------------------- download
+
+def download(url, dest):
+    """Fetch url to dest with a progress line; resumes a partial dest.part left by an earlier run."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    try:
+        response = urlopen(Request(url, headers={"Range": f"bytes={have}-"} if have else {}), timeout=60)
+    except HTTPError as e:
+        if e.code == 416 and have:  # nothing left to fetch: the part is complete
+            return part.rename(dest)
+        raise DataError(f"download of {url} failed: HTTP {e.code}") from None
+    except (URLError, OSError) as e:
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Pass local "
+                        "files: python data_prep.py --input stories.txt [--val_input valid.txt]") from None
+    with response:
+        if have and response.status != 206:  # the server ignored the range: start over
+            have = 0
+        total = have + int(response.headers.get("Content-Length", 0))
+        with open(part, "ab" if have else "wb") as f:
+            copy_with_progress(response, f, dest.name, have, total)
+    return part.rename(dest)
+
+
+def copy_with_progress(src, dst, name, done, total):
+    start, start_bytes, last = time.time(), done, 0.0
+    while chunk := src.read(1 << 20):
+        dst.write(chunk)
+        done += len(chunk)
+        if time.time() - last > 0.5 or done == total:
+            last = time.time()
+            rate = (done - start_bytes) / max(last - start, 1e-9)
+            eta = (total - done) / rate if rate and total else float("nan")
+            print(f"\r{name}: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB  {rate / 1e6:.1f} MB/s  ETA {eta:.0f}s",
+                  end="", flush=True)
+    print()
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def open_binary(path):
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
+    return opener(path, "rb")
+
+
+def decode(raw, path, offset):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: bytes that are not UTF-8 at byte offset {offset + e.start}"
+                        f"{' (of the decompressed text)' if path.suffix in ('.gz', '.xz') else ''}") from None
+
+
+def text_lines(path):
+    offset = 0
+    with open_binary(path) as f:
+        for raw in f:
+            yield decode(raw, path, offset)
+            offset += len(raw)
+
+
+def read_text(path):
+    """Records of the official .txt layout (each followed by a <|endoftext|> line) as (story, summary).
+    TinyStoriesInstruct records (Features:/Summary:/.../Story: fields) give their summary too."""
+    record = []
+    for line in itertools.chain(text_lines(path), [EOT]):
+        if line.strip() != EOT:
+            record.append(line)
+            continue
+        text = "".join(record)
+        record = []
+        story_field = re.search(r"^Story:[ \t]*", text, re.M)
+        if story_field is None:
+            yield text, None
+            continue
+        summary = re.search(r"^Summary:(.*?)(?=^\w[\w ]*:|\Z)", text[: story_field.start()], re.M | re.S)
+        yield text[story_field.end():], summary and summary.group(1)
+
+
+def read_json(path):
+    """.jsonl (one object a line) or .json (a list of objects), with "story" or "text" and an
+    optional "summary". A .json file is parsed whole; use .jsonl for large inputs."""
+    if ".jsonl" in path.suffixes:
+        objects = ((n, json.loads(line)) for n, line in enumerate(text_lines(path), 1) if line.strip())
+    else:
+        with open_binary(path) as f:
+            data = json.loads(decode(f.read(), path, 0))
+        objects = enumerate(data if isinstance(data, list) else [data], 1)
+    where = "line" if ".jsonl" in path.suffixes else "record"
+    for n, obj in objects:
+        story = obj.get("story", obj.get("text")) if isinstance(obj, dict) else None
+        if not isinstance(story, str):
+            raise DataError(f"{path}: {where} {n} has no \"story\" or \"text\" string field")
+        yield story, obj.get("summary")
+
+
+def read_stories(paths, max_stories=None):
+    """(story, summary or None) for every non-empty story of every input file, stripped."""
+    def generate():
+        for path in paths:
+            found = 0
+            reader = read_json if {".json", ".jsonl"} & set(path.suffixes) else read_text
+            try:
+                for story, summary in reader(path):
+                    if story.strip():
+                        found += 1
+                        yield story.strip(), summary.strip() if summary else None
+            except (json.JSONDecodeError, EOFError, OSError, lzma.LZMAError) as e:
+                raise DataError(f"{path}: cannot be read as {reader.__name__[5:]} ({e})") from None
+            if not found:
+                raise DataError(f"{path}: no stories found (expected stories separated by {EOT} lines, "
+                                "or .jsonl/.json records with a \"story\" or \"text\" field)")
+    return itertools.islice(generate(), max_stories)
+
+
+def check_inputs(paths):
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"input file not found: {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"input file is empty: {path}")
+    return paths
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_val(story, val_fraction):
+    """A stable hash of the text decides the split, so a story (and every pair that contains it) is
+    always on the same side, however often it occurs and in whatever order the input comes."""
+    return zlib.crc32(story.encode()) % 1_000_000 < val_fraction * 1_000_000
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+class AtomicWriter:
+    """Appends to path.tmp; commit() renames it into place, so path is never half-written."""
+
+    def __init__(self, path, mode="wb"):
+        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
+        self.file = open(self.tmp, mode)
+
+    def commit(self):
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class Split:
+    """One output split: its token shard, its pairs file, and its counts."""
+
+    def __init__(self, out_dir, name):
+        self.shard = AtomicWriter(out_dir / f"{name}.bin")
+        self.pairs = AtomicWriter(out_dir / f"pairs_{name}.jsonl", "w")
+        self.stories = self.tokens = self.n_pairs = 0
+
+    def add(self, stories, token_lists, eot):
+        ids = np.fromiter(itertools.chain.from_iterable(t + [eot] for t in token_lists), dtype=np.uint16)
+        ids.tofile(self.shard.file)
+        self.stories += len(token_lists)
+        self.tokens += ids.size
+        for story, summary in stories:
+            if summary:
+                self.pairs.file.write(json.dumps({"summary": summary, "story": story}) + "\n")
+                self.n_pairs += 1
+
+    def commit(self):
+        self.shard.commit()
+        self.pairs.commit() if self.n_pairs else self.pairs.discard()
+
+    def discard(self):
+        self.shard.discard()
+        self.pairs.discard()
+
+
+def tokenize(stories, splits, enc, num_proc):
+    """Stream (story, summary, split_name) in chunks; tiktoken encodes each chunk on num_proc threads
+    (it releases the GIL). Memory is bounded by the chunk size, not the input size."""
+    start, n_tokens, last = time.time(), 0, 0.0
+    while chunk := list(itertools.islice(stories, STORIES_PER_CHUNK * num_proc)):
+        token_lists = enc.encode_ordinary_batch([story for story, _, _ in chunk], num_threads=num_proc)
+        for name, split in splits.items():
+            keep = [i for i, (_, _, s) in enumerate(chunk) if s == name]
+            split.add([chunk[i][:2] for i in keep], [token_lists[i] for i in keep], enc.eot_token)
+        n_tokens += sum(map(len, token_lists)) + len(chunk)
+        if time.time() - last > 2:
+            last = time.time()
+            print(f"\rtokenized {sum(s.stories for s in splits.values()):,} stories, {n_tokens:,} tokens, "
+                  f"{n_tokens / (last - start):,.0f} tokens/s", end="", flush=True)
+    elapsed = time.time() - start
+    print(f"\rtokenized {sum(s.stories for s in splits.values()):,} stories, {n_tokens:,} tokens in "
+          f"{elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+
+
+def labelled(stories, split):
+    for story, summary in stories:
+        yield story, summary, split(story) if callable(split) else split
+
+
+def prepare(args):
+    out_dir = Path(args.out_dir)
+    if args.input:
+        train_paths, val_paths = check_inputs(args.input), check_inputs(args.val_input or [])
+    else:
+        if args.val_input:
+            raise DataError("--val_input needs --input")
+        train_paths = [download(HF_URL + DOWNLOADS["train"], Path(args.download_dir) / DOWNLOADS["train"])]
+        val_paths = [download(HF_URL + DOWNLOADS["val"], Path(args.download_dir) / DOWNLOADS["val"])]
+    enc = load_encoding({"encoding": "gpt2", "vocab_size": args.vocab_size or 50257})
+
+    settings = {"vocab_size": enc.n_vocab, "val_fraction": None if val_paths else args.val_fraction,
+                "max_stories": args.max_stories,
+                "inputs": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in train_paths + val_paths]}
+    meta_path = out_dir / "meta.json"
+    if meta_path.exists() and not args.force and json.loads(meta_path.read_text()).get("settings") == settings:
+        print(f"{out_dir} already holds these inputs tokenized with these settings; --force to redo")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # an interrupted run must not leave new shards beside an old meta
+
+    if val_paths:
+        stories = itertools.chain(labelled(read_stories(train_paths, args.max_stories), "train"),
+                                  labelled(read_stories(val_paths, args.max_stories), "val"))
+    else:
+        stories = labelled(read_stories(train_paths, args.max_stories),
+                           lambda story: "val" if is_val(story, args.val_fraction) else "train")
+    splits = {name: Split(out_dir, name) for name in ("train", "val")}
+    try:
+        tokenize(stories, splits, enc, args.num_proc)
+        for name, split in splits.items():
+            if split.tokens == 0:
+                raise DataError(f"the {name} split is empty: give --val_input, or a larger "
+                                "--val_fraction/input so that both splits get stories")
+    except BaseException:
+        for split in splits.values():
+            split.discard()
+        raise
+    for split in splits.values():
+        split.commit()
+
+    meta = {"encoding": "gpt2", "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
+            "tokens": {n: s.tokens for n, s in splits.items()},
+            "stories": {n: s.stories for n, s in splits.items()},
+            "pairs": {n: s.n_pairs for n, s in splits.items()},
+            "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)}
+                        for p in train_paths + val_paths],
+            "settings": settings}
+    meta_file = AtomicWriter(meta_path, "w")
+    json.dump(meta, meta_file.file, indent=2)
+    meta_file.commit()
+    for name, split in splits.items():
+        print(f"{name}: {split.stories:,} stories, {split.tokens:,} tokens "
+              f"({split.tokens / split.stories:.1f} per story), {split.n_pairs:,} summary/story pairs")
+    print(f"wrote {out_dir}/")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", help="local files (.txt, .jsonl, .json, optionally .gz/.xz) instead of downloading")
+    p.add_argument("--val_input", nargs="+", help="local validation files; without them --val_fraction of --input is held out")
+    p.add_argument("--val_fraction", type=float, default=0.02, help="share of stories held out for val when there is no val input")
+    p.add_argument("--max_stories", type=int, help="use only the first N stories of the train (and of the val) input")
+    p.add_argument("--vocab_size", type=int, help="cut GPT-2's BPE to this many tokens (e.g. 4096, as in the paper)")
+    p.add_argument("--out_dir", default="data/tinystories")
+    p.add_argument("--download_dir", default="data/download", help="where downloads are kept (and resumed)")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer threads")
+    p.add_argument("--force", action="store_true", help="redo even if out_dir already holds this result")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        p.error("--val_fraction must be in [0, 1)")
+    return args
+
+
+def main(argv=None):
+    try:
+        prepare(parse_args(argv))
+    except DataError as e:
+        print(f"data_prep.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
