@@ -75,12 +75,13 @@ class MaskedMixing(nn.Module):
         self.weight = nn.Parameter(torch.empty(h, T, T))
         self.bias = nn.Parameter(torch.zeros(h, T, 1))  # one bias per head and output position
         self.register_buffer("mask", torch.tril(torch.ones(T, T)), persistent=False)
-        # PyTorch's default init draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = T for every
-        # row. Row i of the masked matrix has only i + 1 live inputs, so that would make early
-        # positions' outputs far smaller than late ones'. Use each row's true fan-in instead.
-        bound = 1.0 / torch.arange(1, T + 1).float().sqrt()  # [T]
+        # Init W = identity: each position starts by passing its own state through, so the network
+        # begins as a per-token model and learns how much of the past to mix in. Measured on the
+        # shared TinyStories slice (d64, 2 layers, T64, 150 steps): identity reached val loss 3.69,
+        # zeros 3.83, PyTorch's default random init (scaled per row to its i+1 live inputs) 5.95, no
+        # better than unigram: a random mix of earlier tokens drowns each token's own identity.
         with torch.no_grad():
-            self.weight.uniform_(-1.0, 1.0).mul_(bound.view(1, T, 1))
+            self.weight.copy_(torch.eye(T).expand(h, T, T))
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
