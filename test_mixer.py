@@ -340,3 +340,131 @@ def test_download_resumes_a_partial_file(tmp_path):
         server.shutdown()
     assert ranges == ["bytes=1000-"]
     assert path.read_bytes() == payload and not (tmp_path / "f.txt.part").exists()
+
+
+# ------------------------------------------------------------------------------ train.py, sample.py
+
+import csv  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import sample  # noqa: E402
+import train  # noqa: E402
+
+TINY_RUN = ["--n_layer", 2, "--n_embd", 64, "--n_head", 4, "--block_size", 64, "--batch_size", 16,
+            "--warmup_iters", 20, "--lr", 3e-3, "--eval_iters", 5, "--log_interval", 10]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The shared slice tokenized with a 4096-token vocabulary (small embeddings: fast CPU tests)."""
+    if not SAMPLE_TEXT.exists():
+        pytest.skip(f"real text not found at {SAMPLE_TEXT}")
+    out = tmp_path_factory.mktemp("data")
+    prep("--input", SAMPLE_TEXT, "--out_dir", out, "--vocab_size", 4096, "--val_fraction", 0.1)
+    return out
+
+
+def run_train(*argv):
+    train.main([str(a) for a in argv])
+
+
+def train_error(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(*argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def read_log(out_dir):
+    with open(out_dir / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def unigram_val_loss(data_dir):
+    train_ids = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
+    val_ids = np.fromfile(data_dir / "val.bin", dtype=np.uint16)
+    counts = np.bincount(train_ids, minlength=4096) + 1.0
+    return float(-np.log(counts[val_ids] / counts.sum()).mean())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_short_run_beats_unigram_on_real_text(arch, prepared, tmp_path):
+    run_train("--arch", arch, "--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN,
+              "--max_iters", 150, "--eval_interval", 50)
+    log = read_log(tmp_path)
+    unigram = unigram_val_loss(prepared)  # about 5.9 nats
+    assert [int(r["step"]) for r in log] == [0, 50, 100, 150]
+    assert float(log[0]["val_loss"]) > unigram + 1.5  # starts near ln(4096) = 8.3
+    assert float(log[-1]["val_loss"]) < unigram - 1.0, f"{arch}: {log[-1]['val_loss']} vs unigram {unigram:.2f}"
+    model, meta = train.load_model(tmp_path / "ckpt.pt")
+    assert model.config.arch == arch and meta["vocab_size"] == 4096
+
+
+def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(prepared, tmp_path):
+    args = ["--data_dir", prepared, *TINY_RUN, "--max_iters", 80, "--eval_interval", 10, "--dropout", 0.1]
+    args = [str(a) for a in args]
+    run_train(*args, "--out_dir", tmp_path / "straight")
+    # the same run in a subprocess, Ctrl-C'd once it has logged step 20, then resumed
+    interrupted = subprocess.Popen([sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "cut")],
+                                   cwd=HERE, stdout=subprocess.PIPE, text=True)
+    for line in interrupted.stdout:
+        if line.startswith("step 20:"):
+            interrupted.send_signal(signal.SIGINT)
+            break
+    rest = interrupted.communicate(timeout=120)[0]
+    assert interrupted.returncode == 0 and "interrupted at step" in rest
+    stopped_at = int(re.search(r"interrupted at step (\d+)", rest).group(1))
+    assert stopped_at < 80
+    run_train(*args, "--out_dir", tmp_path / "cut", "--resume")
+    losses = lambda log: [(r["step"], r["train_loss"], r["val_loss"]) for r in log]  # noqa: E731
+    assert losses(read_log(tmp_path / "cut")) == losses(read_log(tmp_path / "straight"))
+
+
+def test_max_minutes_stops_on_time(prepared, tmp_path):
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 10**6,
+              "--max_minutes", 0.05, "--eval_interval", 20)
+    last = read_log(tmp_path)[-1]
+    assert int(last["step"]) < 10**6
+    assert 3.0 <= float(last["elapsed_s"]) < 6.0  # 0.05 minutes of training, stopped within a step or so
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path, capsys):
+    err = train_error(capsys, "--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--lr", 1e6,
+                      "--warmup_iters", 1, "--grad_clip", 0, "--max_iters", 100, "--eval_interval", 50,
+                      "--log_interval", 1)
+    assert re.search(r"(loss|val loss) is (nan|inf)", err) and "keeps the last good state" in err
+    model, _ = train.load_model(tmp_path / "ckpt.pt")  # step 0's, still finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_training_bad_inputs(prepared, tmp_path, capsys):
+    assert "run python data_prep.py" in train_error(capsys, "--data_dir", tmp_path / "nothing")
+    out = ["--out_dir", tmp_path / "run"]
+    run_train("--data_dir", prepared, *out, *TINY_RUN, "--max_iters", 2, "--eval_interval", 2)
+    assert "pass --resume" in train_error(capsys, "--data_dir", prepared, *out)
+    assert "block_size=64 but --block_size 32" in train_error(capsys, "--data_dir", prepared, *out, "--resume",
+                                                               "--block_size", 32)
+    assert "arch=mixer but --arch hybrid" in train_error(capsys, "--data_dir", prepared, *out, "--resume",
+                                                          "--arch", "hybrid")
+    other = tmp_path / "other_vocab"
+    prep("--input", SAMPLE_TEXT, "--out_dir", other, "--vocab_size", 1024, "--max_stories", 300)
+    assert "4096-token vocabulary" in train_error(capsys, "--data_dir", other, *out, "--resume")
+    (prepared / "val.bin").rename(tmp_path / "val.bin")
+    try:
+        assert "re-run data_prep.py" in train_error(capsys, "--data_dir", prepared, "--out_dir", tmp_path / "x")
+    finally:
+        (tmp_path / "val.bin").rename(prepared / "val.bin")
+
+
+def test_sample_generates_from_a_checkpoint(prepared, tmp_path, capsys):
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 100, "--eval_interval", 100)
+    capsys.readouterr()
+    sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "Once upon a time", "--max_new_tokens", "20",
+                 "--num_samples", "2", "--temperature", "0"])
+    stories = capsys.readouterr().out.split("-" * 40 + "\n")[:2]
+    assert len(stories) == 2 and stories[0] == stories[1]  # greedy
+    assert stories[0].startswith("Once upon a time") and len(stories[0]) > len("Once upon a time") + 20

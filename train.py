@@ -1,0 +1,397 @@
+"""
+Train a masked mixer, transformer or hybrid on tokens from data_prep.py, nanoGPT style.
+
+    python train.py --arch mixer                                 # one GPU, or the CPU
+    python train.py --arch transformer --max_minutes 60          # equal wall-clock comparisons
+    python train.py --arch mixer --resume                        # continue out-mixer/ckpt.pt exactly
+    torchrun --standalone --nproc_per_node 8 train.py --arch mixer   # DDP on several GPUs
+
+Each eval prints and appends to out_dir/log.csv: step, tokens seen, train/val loss, tokens/s, MFU,
+peak memory. out_dir/ckpt.pt (model, optimizer, step, RNG states, data meta) is written atomically
+when val loss improves, at the end, and on Ctrl-C.
+"""
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mixer import ARCHS, Config, Model
+
+LOG_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"]
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
+
+
+class TrainError(Exception):
+    """Bad input or a failed run: reported as one line and exit code 2."""
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def pick_device(requested):
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device, dtype):
+    """bf16 autocast on CUDA when supported (fp16 on request), full precision elsewhere."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype == "float32":
+        return contextlib.nullcontext(), dtype
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)), dtype
+
+
+# ---------------------------------------------------------------------------------------- data
+
+def load_data(data_dir):
+    data_dir = Path(data_dir)
+    if not (data_dir / "meta.json").exists():
+        raise TrainError(f"no prepared data in {data_dir} (meta.json missing): run python data_prep.py "
+                         f"[--out_dir {data_dir}] first")
+    meta = json.loads((data_dir / "meta.json").read_text())
+    splits = {}
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        expected = meta["tokens"][split] * 2
+        if not path.exists() or path.stat().st_size != expected:
+            raise TrainError(f"{path} is missing or not {expected} bytes as meta.json says: "
+                             "re-run data_prep.py with --force")
+        splits[split] = np.memmap(path, dtype=np.uint16, mode="r")
+    return splits, meta
+
+
+def get_batch(tokens, block_size, batch_size, rng, device):
+    """Random contiguous windows of block_size + 1 tokens: inputs and next-token targets [B, T]."""
+    if len(tokens) <= block_size:
+        raise TrainError(f"a split has only {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+    windows = torch.from_numpy(np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64))
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def lr_at(progress, step, args):
+    """Linear warmup over warmup_iters steps, then decay to min_lr over the rest of the budget."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    min_lr = args.lr * args.min_lr_ratio
+    if args.lr_schedule == "cosine":
+        return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if args.lr_schedule == "linear":
+        return args.lr - (args.lr - min_lr) * min(progress, 1.0)
+    return args.lr
+
+
+@torch.no_grad()
+def evaluate(model, splits, args, device, ctx):
+    """Mean loss on the same eval_iters windows of each split every time (a fixed seed): evals are
+    comparable across steps, runs and resumes."""
+    model.eval()
+    losses = {}
+    for split, tokens in splits.items():
+        rng = np.random.default_rng(args.seed + 1)
+        total = 0.0
+        for _ in range(args.eval_iters):
+            x, y = get_batch(tokens, model.config.block_size, args.batch_size, rng, device)
+            with ctx:
+                total += model(x, y)[1].item()
+        losses[split] = total / args.eval_iters
+    model.train()
+    return losses
+
+
+def save_checkpoint(path, model, optimizer, state):
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainError(f"weights are not finite at step {state['step']}: not saving; {path} keeps the "
+                         "last good state (lower --lr or raise --warmup_iters)")
+    tmp = Path(str(path) + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "config": dataclasses.asdict(model.config), **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(ckpt_path, device="cpu"):
+    """A trained Model from a checkpoint (eval mode), with the data meta it was trained on."""
+    if not Path(ckpt_path).is_file():
+        raise TrainError(f"checkpoint not found: {ckpt_path} (train one with python train.py)")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    model = Model(Config(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["data_meta"]
+
+
+def resolve_config(args, meta, ckpt):
+    """The model Config: from the checkpoint on resume (flags must agree), else from flags + data."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+    vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)  # padded: faster matmuls, ids beyond are never used
+    if ckpt is None:
+        return Config(**{**flags, "vocab_size": vocab_size})
+    if ckpt["data_meta"]["vocab_size"] != meta["vocab_size"]:
+        raise TrainError(f"checkpoint was trained on a {ckpt['data_meta']['vocab_size']}-token vocabulary but "
+                         f"--data_dir has {meta['vocab_size']}: use data prepared with the same --vocab_size")
+    for name, value in flags.items():
+        if ckpt["config"][name] != value:
+            raise TrainError(f"checkpoint has {name}={ckpt['config'][name]} but --{name} {value} was given: "
+                             "drop the flag to resume, or train into a new --out_dir")
+    return Config(**ckpt["config"])
+
+
+class StopFlag:
+    """Set by Ctrl-C (SIGINT/SIGTERM) while active; the loop stops between steps, so the saved state
+    is consistent. The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.set = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def setup_distributed(args):
+    """(rank, world_size, device). Under torchrun: DDP, one process per GPU; else a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(args.device)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def train(args):
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    out_dir = Path(args.out_dir or f"out-{args.arch or 'mixer'}")
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
+    splits, meta = load_data(args.data_dir)
+    ckpt = None
+    if args.resume:
+        if not ckpt_path.exists():
+            raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    elif ckpt_path.exists():
+        raise TrainError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out_dir")
+    config = resolve_config(args, meta, ckpt)
+
+    torch.manual_seed(args.seed)
+    model = Model(config).to(device)
+    optimizer = make_optimizer(model, args, device)
+    rng = np.random.default_rng(args.seed + rank)  # training windows; each DDP rank draws its own
+    step, best_val, elapsed = 0, float("inf"), 0.0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val, elapsed = ckpt["step"], ckpt["best_val"], ckpt["elapsed"]
+        rng.bit_generator.state = ckpt["rng"]["numpy"][rank]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    ctx, dtype = autocast(device, args.dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    tokens_per_step = args.batch_size * args.grad_accum * config.block_size * world
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"{config.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
+              f"device {device}, {dtype}" + (f", resuming at step {step}" if ckpt else ""))
+        start_log(log_path, keep_before=step if ckpt else 0)
+
+    def state():  # what a checkpoint needs besides model and optimizer
+        rng_states = [None] * world
+        if world > 1:
+            dist.all_gather_object(rng_states, rng.bit_generator.state)
+        else:
+            rng_states = [rng.bit_generator.state]
+        return {"step": step, "best_val": best_val, "elapsed": elapsed, "data_meta": meta,
+                "train_args": vars(args),
+                "rng": {"numpy": rng_states, "torch": torch.get_rng_state()}}
+
+    def progress():  # fraction of the budget (steps or minutes, whichever runs out first) used
+        minutes = (elapsed + time.time() - window_start) / 60
+        return max(step / args.max_iters, minutes / args.max_minutes if args.max_minutes else 0.0)
+
+    def next_batch():
+        return get_batch(splits["train"], config.block_size, args.batch_size, rng, device)
+
+    peak, window_start, window_steps, last_log = peak_flops(device), time.time(), 0, time.time()
+    with StopFlag() as stop:
+        while True:
+            finished = progress() >= 1.0 or stop.set
+            if world > 1:  # every rank must agree to stop, or the others would wait forever
+                flag = torch.tensor(float(finished), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                finished = bool(flag.item())
+            if step % args.eval_interval == 0 or finished:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # the window's steps are done: time them
+                window_time = time.time() - window_start
+                elapsed += window_time
+                tokens_per_s = window_steps * tokens_per_step / window_time if window_steps else None
+                losses = evaluate(raw_model, splits, args, device, ctx)
+                if not math.isfinite(losses["val"]):
+                    raise TrainError(f"val loss is {losses['val']} at step {step}; {ckpt_path} keeps the last good "
+                                     "state (lower --lr or raise --warmup_iters)")
+                improved, best_val = losses["val"] < best_val, min(best_val, losses["val"])
+                st = state()
+                if master:
+                    log_eval(log_path, step, step * tokens_per_step, losses, lr_at(progress(), step, args),
+                             tokens_per_s, raw_model, peak, device, elapsed)
+                    if improved or finished:
+                        save_checkpoint(ckpt_path, raw_model, optimizer, st)
+                window_start, window_steps = time.time(), 0
+            if finished:
+                break
+            lr = lr_at(progress(), step, args)
+            loss = train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world)
+            step, window_steps = step + 1, window_steps + 1
+            if step % args.log_interval == 0:
+                loss_value = loss.item()  # a sync: only every log_interval steps
+                if not math.isfinite(loss_value):
+                    raise TrainError(f"loss is {loss_value} at step {step}; {ckpt_path} keeps the last good state "
+                                     "(lower --lr or raise --warmup_iters)")
+                ms_per_step, last_log = (time.time() - last_log) * 1000 / args.log_interval, time.time()
+                if master:
+                    print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {ms_per_step:.0f} ms/step")
+    if master:
+        why = "interrupted" if stop.set else "done"
+        print(f"{why} at step {step}: best val loss {best_val:.4f}; saved {ckpt_path}"
+              + (" (continue with --resume)" if stop.set else ""))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world):
+    """One optimizer step over grad_accum micro-batches; returns the last micro-batch's loss tensor."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(args.grad_accum):
+        x, y = next_batch()
+        # DDP: all-reduce gradients only once, after the last micro-batch
+        sync = contextlib.nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
+        with sync, ctx:
+            _, loss = model(x, y)
+        with sync:
+            scaler.scale(loss / args.grad_accum).backward()
+    if args.grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def make_optimizer(model, args, device):
+    """AdamW; weight decay on matrices only (the [T, T] mixing weights included), not on norms/biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def start_log(path, keep_before):
+    """Open log.csv; on resume drop rows at or after the resume step (they are about to be redone)."""
+    rows = []
+    if keep_before and path.exists():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) < keep_before]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def log_eval(path, step, tokens, losses, lr, tokens_per_s, model, peak, device, elapsed):
+    mfu = tokens_per_s * model.flops_per_token() / peak if tokens_per_s and peak else None
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    row = {"step": step, "tokens": tokens, "train_loss": f"{losses['train']:.4f}", "val_loss": f"{losses['val']:.4f}",
+           "lr": f"{lr:.3e}", "tokens_per_s": f"{tokens_per_s:.0f}" if tokens_per_s else "",
+           "mfu": f"{mfu:.3f}" if mfu else "", "peak_mem_mb": f"{peak_mem:.0f}" if peak_mem else "",
+           "elapsed_s": f"{elapsed:.1f}"}
+    print(f"eval step {step}: train {row['train_loss']}, val {row['val_loss']}, {tokens:,} tokens"
+          + (f", {row['tokens_per_s']} tokens/s" if tokens_per_s else "") + (f", MFU {mfu:.1%}" if mfu else "")
+          + (f", peak mem {row['peak_mem_mb']} MB" if peak_mem else ""))
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, LOG_FIELDS).writerow(row)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=ARCHS, help="default mixer")
+    p.add_argument("--data_dir", default="data/tinystories")
+    p.add_argument("--out_dir", help="default: out-ARCH")
+    model = p.add_argument_group("model (mixer.Config; defaults there; taken from the checkpoint on --resume)")
+    for field in dataclasses.fields(Config):
+        if field.name not in ("arch", "vocab_size"):  # --arch is above; the vocab comes from the data
+            kind = (lambda s: s.lower() in ("1", "true", "yes")) if field.type is bool else field.type
+            model.add_argument(f"--{field.name}", type=kind, help=f"default {field.default}")
+    t = p.add_argument_group("training")
+    t.add_argument("--batch_size", type=int, default=16)
+    t.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the paper's 5e-4, for every arch)")
+    t.add_argument("--min_lr_ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    t.add_argument("--lr_schedule", choices=["cosine", "linear", "constant"], default="cosine")
+    t.add_argument("--warmup_iters", type=int, default=200)
+    t.add_argument("--max_iters", type=int, default=5000)
+    t.add_argument("--max_minutes", type=float, help="also stop at this much training time; the lr schedule "
+                                                     "then runs over whichever budget ends first")
+    t.add_argument("--weight_decay", type=float, default=0.1)
+    t.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
+    t.add_argument("--eval_interval", type=int, default=250)
+    t.add_argument("--eval_iters", type=int, default=50)
+    t.add_argument("--log_interval", type=int, default=10)
+    t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
+    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except TrainError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
