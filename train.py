@@ -127,14 +127,19 @@ def evaluate(model, splits, args, device, ctx):
     return losses
 
 
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: path is never half-written."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path, model, optimizer, state):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainError(f"weights are not finite at step {state['step']}: not saving; {path} keeps the "
                          "last good state (lower --lr or raise --warmup_iters)")
-    tmp = Path(str(path) + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "config": dataclasses.asdict(model.config), **state}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "config": dataclasses.asdict(model.config), **state}, path)
 
 
 def load_model(ckpt_path, device="cpu"):
@@ -216,8 +221,13 @@ def train(args):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val, elapsed = ckpt["step"], ckpt["best_val"], ckpt["elapsed"]
+        if len(ckpt["rng"]["numpy"]) != world:
+            raise TrainError(f"{ckpt_path} was written by {len(ckpt['rng']['numpy'])} processes: resume with "
+                             "the same number (torchrun --nproc_per_node) to replay the same batches")
         rng.bit_generator.state = ckpt["rng"]["numpy"][rank]
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     ctx, dtype = autocast(device, args.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     raw_model = model
@@ -241,7 +251,8 @@ def train(args):
             rng_states = [rng.bit_generator.state]
         return {"step": step, "best_val": best_val, "elapsed": elapsed, "data_meta": meta,
                 "train_args": vars(args),
-                "rng": {"numpy": rng_states, "torch": torch.get_rng_state()}}
+                "rng": {"numpy": rng_states, "torch": torch.get_rng_state(),  # dropout draws from these
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
     def progress():  # fraction of the budget (steps or minutes, whichever runs out first) used
         minutes = (elapsed + time.time() - window_start) / 60
@@ -359,7 +370,7 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", help="default: out-ARCH")
     model = p.add_argument_group("model (mixer.Config; defaults there; taken from the checkpoint on --resume)")
     for field in dataclasses.fields(Config):
-        if field.name not in ("arch", "vocab_size"):  # --arch is above; the vocab comes from the data
+        if field.name not in ("arch", "vocab_size", "causal"):  # --arch is above; the vocab comes from the data
             kind = (lambda s: s.lower() in ("1", "true", "yes")) if field.type is bool else field.type
             model.add_argument(f"--{field.name}", type=kind, help=f"default {field.default}")
     t = p.add_argument_group("training")
