@@ -32,10 +32,13 @@ class Config:
     mixer_heads: int = 1        # masked-mixing heads; 1 = the paper's flat mixer (no projections)
     dropout: float = 0.0
     bias: bool = False          # biases in Linear layers (the per-position mixing bias is always on)
+    causal: bool = True         # False: unmasked, bidirectional mixing (retrieve.py's retrieval mixer)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        if not self.causal and self.arch != "mixer":
+            raise ValueError("causal=False (bidirectional mixing) is only defined for arch 'mixer'")
         for heads in ("n_head", "mixer_heads"):
             if self.n_embd % getattr(self, heads):
                 raise ValueError(f"n_embd={self.n_embd} is not divisible by {heads}={getattr(self, heads)}")
@@ -74,7 +77,8 @@ class MaskedMixing(nn.Module):
         self.proj_out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
         self.weight = nn.Parameter(torch.empty(h, T, T))
         self.bias = nn.Parameter(torch.zeros(h, T, 1))  # one bias per head and output position
-        self.register_buffer("mask", torch.tril(torch.ones(T, T)), persistent=False)
+        mask = torch.tril(torch.ones(T, T)) if config.causal else torch.ones(T, T)
+        self.register_buffer("mask", mask, persistent=False)
         # Init W = identity: each position starts by passing its own state through, so the network
         # begins as a per-token model and learns how much of the past to mix in. Measured on the
         # shared TinyStories slice (d64, 2 layers, T64, 150 steps): identity reached val loss 3.69,

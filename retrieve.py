@@ -1,0 +1,386 @@
+"""
+Summary-to-story retrieval with embeddings from a trained generative model (the paper's second claim).
+
+    python retrieve.py embed --ckpt out-mixer/ckpt.pt --pairs data/tinystories/pairs_val.jsonl --out emb_val.npz
+    python retrieve.py eval --emb emb_val.npz                      # raw embeddings, cosine similarity
+    python retrieve.py train --method mixer --emb emb_train.npz --out retrieval.pt   # paper v1
+    python retrieve.py eval --emb emb_val.npz --model retrieval.pt
+    python retrieve.py train --method infonce --ckpt out-mixer/ckpt.pt --pairs data/tinystories/pairs_train.jsonl \\
+        --out out-mixer-infonce/ckpt.pt                            # paper v2+: fine-tune the model itself
+    python retrieve.py index --ckpt out-mixer/ckpt.pt --stories data/tinystories/pairs_val.jsonl --out index.npz
+    python retrieve.py search --ckpt out-mixer/ckpt.pt --index index.npz --query "a dog finds a lost ball" -k 5
+
+An embedding is Model.embed: the final hidden state at a text's last token (see mixer.py).
+Pairs are jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data_prep import DataError, load_encoding, read_stories
+from mixer import Block, Config
+from train import TrainError, atomic_save, load_model, pick_device
+
+
+class RetrievalError(Exception):
+    """Bad input: reported as one line and exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------- embedding
+
+def read_pairs(path):
+    path = Path(path)
+    if not path.is_file():
+        raise RetrievalError(f"pairs file not found: {path} (data_prep.py writes pairs_train/val.jsonl "
+                             "when its input has summaries)")
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RetrievalError(f"{path}: line {n} is not JSON ({e})") from None
+        if not (isinstance(pair, dict) and isinstance(pair.get("summary"), str) and isinstance(pair.get("story"), str)):
+            raise RetrievalError(f"{path}: line {n} needs string fields \"summary\" and \"story\"")
+        pairs.append(pair)
+    if not pairs:
+        raise RetrievalError(f"{path}: no pairs (empty file)")
+    return pairs
+
+
+def fingerprint(model):
+    """Identifies the weights an embedding came from, so indexes and embeddings are not mixed up."""
+    return hashlib.sha256(model.wte.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def tokenize(texts, enc, block_size):
+    """Token ids per text, cut to the first block_size tokens; also how many were cut."""
+    ids = [enc.encode_ordinary(text) or [enc.eot_token] for text in texts]
+    return [t[:block_size] for t in ids], sum(len(t) > block_size for t in ids)
+
+
+def padded(ids, device):
+    """Right-padded batch [B, L] and lengths [B]: padding cannot reach a causal model's last real token."""
+    lengths = torch.tensor([len(t) for t in ids])
+    batch = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
+    for row, t in enumerate(ids):
+        batch[row, : len(t)] = torch.tensor(t)
+    return batch.to(device), lengths.to(device)
+
+
+@torch.no_grad()
+def embed_texts(model, ids, batch_size, device, label):
+    """[N, n_embd] float32 embeddings, batched by length (little padding), with a progress line."""
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.empty((len(ids), model.config.n_embd), dtype=np.float32)
+    start = time.time()
+    for first in range(0, len(ids), batch_size):
+        rows = order[first : first + batch_size]
+        out[rows] = model.embed(*padded([ids[i] for i in rows], device)).float().cpu().numpy()
+        print(f"\r{label}: {first + len(rows):,}/{len(ids):,} ({time.time() - start:.0f}s)", end="", flush=True)
+    print()
+    return out
+
+
+def load(ckpt, device):
+    model, meta = load_model(ckpt, device)
+    return model, load_encoding(meta)
+
+
+def cmd_embed(args):
+    device = pick_device(args.device)
+    model, enc = load(args.ckpt, device)
+    pairs = read_pairs(args.pairs)
+    arrays = {}
+    for field in ("summary", "story"):
+        ids, cut = tokenize([p[field] for p in pairs], enc, model.config.block_size)
+        if cut:
+            print(f"{cut:,} of {len(ids):,} {field} texts are longer than block_size {model.config.block_size}: "
+                  "embedded from their first block_size tokens")
+        arrays[field] = embed_texts(model, ids, args.batch_size, device, f"embedding {field} texts")
+    np.savez(args.out, **arrays, fingerprint=fingerprint(model))
+    print(f"wrote {args.out}: {len(pairs):,} pairs, {model.config.n_embd}-dim")
+
+
+def load_embeddings(path):
+    if not Path(path).is_file():
+        raise RetrievalError(f"embeddings not found: {path} (make them with: retrieve.py embed)")
+    with np.load(path) as f:
+        if not {"summary", "story"} <= set(f.files):
+            raise RetrievalError(f"{path} has no summary/story arrays: not made by retrieve.py embed")
+        return torch.from_numpy(f["summary"]), torch.from_numpy(f["story"])
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+
+def candidate_sets(n_pairs, n_candidates, seed, chunk=1024):
+    """[Q, N] story indices per query (query q's true story is q) and the column holding it. The
+    N - 1 others are distinct, drawn with a fixed seed; the true story sits at a random column."""
+    g = torch.Generator().manual_seed(seed)
+    others = torch.cat([torch.rand(min(chunk, n_pairs - i), n_pairs - 1, generator=g).topk(n_candidates - 1).indices
+                        for i in range(0, n_pairs, chunk)])  # [Q, N - 1], indices into the other stories
+    queries = torch.arange(n_pairs)
+    others += (others >= queries.unsqueeze(1)).long()  # skip the true story's own index
+    cands = torch.cat([others, queries.unsqueeze(1)], dim=1)  # true story in the last column...
+    true_col = torch.randint(0, n_candidates, (n_pairs,), generator=g)
+    cands[queries, -1] = cands[queries, true_col]  # ...swapped into a random one
+    cands[queries, true_col] = queries
+    return cands, true_col
+
+
+def rank_metrics(scores, true_col):
+    """scores [Q, N] -> top-1, top-5, mean reciprocal rank of the true column (ties count against it)."""
+    true_score = scores.gather(1, true_col.unsqueeze(1))
+    rank = (scores >= true_score).sum(dim=1) - 1  # 0 = best
+    return {"top1": (rank == 0).float().mean().item(), "top5": (rank < 5).float().mean().item(),
+            "mrr": (1.0 / (rank + 1).float()).mean().item()}
+
+
+def cosine_scores(summaries, stories, cands, chunk=512):
+    q, s = F.normalize(summaries, dim=-1), F.normalize(stories, dim=-1)
+    return torch.cat([(q[i : i + chunk].unsqueeze(1) * s[cands[i : i + chunk]]).sum(-1)
+                      for i in range(0, len(q), chunk)])
+
+
+@torch.no_grad()
+def mixer_scores(model, summaries, stories, cands, chunk=256):
+    return torch.cat([model(slots(summaries[i : i + chunk], stories, cands[i : i + chunk]))
+                      for i in range(0, len(summaries), chunk)])
+
+
+def candidate_counts(n_pairs):
+    """32, 64, ... up to the number of held-out pairs (the paper: 32 .. 8192)."""
+    counts = [n for n in (2**k for k in range(5, 30)) if n <= n_pairs]
+    return counts or [n_pairs]
+
+
+def cmd_eval(args):
+    summaries, stories = load_embeddings(args.emb)
+    model = load_retrieval_model(args.model, summaries.size(1)) if args.model else None
+    counts = [model.candidates] if model else candidate_counts(len(stories))
+    if model and model.candidates > len(stories):
+        raise RetrievalError(f"the retrieval model compares {model.candidates} candidates but {args.emb} has only "
+                             f"{len(stories)} pairs")
+    print(f"{len(stories):,} held-out pairs, scored by {'the retrieval mixer ' + args.model if model else 'cosine'}")
+    print("| N | top-1 | top-5 | MRR |\n|---|---|---|---|")
+    for n in counts:
+        cands, true_col = candidate_sets(len(stories), n, args.seed)
+        scores = mixer_scores(model, summaries, stories, cands) if model else cosine_scores(summaries, stories, cands)
+        m = rank_metrics(scores, true_col)
+        print(f"| {n} | {m['top1']:.1%} | {m['top5']:.1%} | {m['mrr']:.3f} |")
+
+
+# ---------------------------------------------------------------------------------------- retrieval mixer (v1)
+
+class RetrievalMixer(nn.Module):
+    """Paper v1: a small bidirectional mixer over the slots [query, candidate_1 .. candidate_N]
+    (embeddings from the frozen generative model); one score per candidate. The slots are mixed by
+    mixer.py's block with an unmasked mixing matrix."""
+
+    def __init__(self, d_in, candidates, width=256, n_layer=2):
+        super().__init__()
+        self.candidates = candidates
+        self.config = Config(arch="mixer", block_size=candidates + 1, n_embd=width, n_layer=n_layer, causal=False)
+        self.proj_in = nn.Linear(d_in, width)
+        self.blocks = nn.ModuleList(Block(self.config) for _ in range(n_layer))
+        self.norm = nn.RMSNorm(width)
+        self.score = nn.Linear(width, 1)
+
+    def forward(self, slots):  # [B, 1 + N, d_in] -> [B, N]
+        x = self.proj_in(slots)
+        for block in self.blocks:
+            x = block(x)
+        return self.score(self.norm(x[:, 1:])).squeeze(-1)
+
+
+def slots(summaries, stories, cands):
+    return torch.cat([summaries.unsqueeze(1), stories[cands]], dim=1)  # [B, 1 + N, d]
+
+
+def load_retrieval_model(path, d_in):
+    if not Path(path).is_file():
+        raise RetrievalError(f"retrieval model not found: {path} (train one with: retrieve.py train --method mixer)")
+    saved = torch.load(path, weights_only=True)
+    if saved["d_in"] != d_in:
+        raise RetrievalError(f"{path} was trained on {saved['d_in']}-dim embeddings, these are {d_in}-dim: "
+                             "checkpoint mismatch (embed with the checkpoint it was trained for)")
+    model = RetrievalMixer(saved["d_in"], saved["candidates"], saved["width"], saved["n_layer"])
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def train_retrieval_mixer(summaries, stories, args):
+    n = len(stories)
+    if n <= args.candidates:
+        raise RetrievalError(f"{n} training pairs: need more than --candidates {args.candidates}")
+    torch.manual_seed(args.seed)
+    model = RetrievalMixer(summaries.size(1), args.candidates, args.width, args.n_layer)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed)
+    for step in range(1, args.steps + 1):
+        queries = torch.randint(0, n, (args.batch_size,), generator=g)
+        # fresh negatives every step: candidates drawn among all stories, the true one at a random slot
+        cands = torch.randint(0, n - 1, (args.batch_size, args.candidates), generator=g)
+        cands = cands + (cands >= queries.unsqueeze(1)).long()
+        true_col = torch.randint(0, args.candidates, (args.batch_size,), generator=g)
+        cands[torch.arange(args.batch_size), true_col] = queries
+        loss = F.cross_entropy(model(slots(summaries[queries], stories, cands)), true_col)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % args.log_interval == 0 or step == args.steps:
+            print(f"step {step}: loss {loss.item():.4f} (chance {np.log(args.candidates):.4f})")
+    return model
+
+
+# ---------------------------------------------------------------------------------------- InfoNCE (v2+)
+
+def train_infonce(args):
+    """Fine-tune the generative model so that a summary's embedding is closest (cosine) to its own
+    story's among the --group stories of its batch: symmetric InfoNCE with temperature."""
+    device = pick_device(args.device)
+    model, enc = load(args.ckpt, device)
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    pairs = read_pairs(args.pairs)
+    if len(pairs) < args.group:
+        raise RetrievalError(f"{len(pairs)} pairs: need at least --group {args.group}")
+    summaries, _ = tokenize([p["summary"] for p in pairs], enc, model.config.block_size)
+    stories, _ = tokenize([p["story"] for p in pairs], enc, model.config.block_size)
+    torch.manual_seed(args.seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    for step in range(1, args.steps + 1):
+        group = torch.randperm(len(pairs))[: args.group].tolist()
+        q = F.normalize(model.embed(*padded([summaries[i] for i in group], device)), dim=-1)
+        s = F.normalize(model.embed(*padded([stories[i] for i in group], device)), dim=-1)
+        logits = q @ s.T / args.temperature  # [G, G]; the matching pairs are on the diagonal
+        target = torch.arange(len(group), device=device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % args.log_interval == 0 or step == args.steps:
+            print(f"step {step}: loss {loss.item():.4f} (chance {np.log(args.group):.4f})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(model.config),
+                 "data_meta": ckpt["data_meta"]}, args.out)
+    print(f"wrote {args.out} (embed with it: retrieve.py embed --ckpt {args.out} ...)")
+
+
+def cmd_train(args):
+    args.lr = args.lr or {"mixer": 1e-3, "infonce": 1e-4}[args.method]
+    if args.method == "infonce":
+        if not (args.ckpt and args.pairs):
+            raise RetrievalError("--method infonce fine-tunes a generative model: give --ckpt and --pairs")
+        return train_infonce(args)
+    if not args.emb:
+        raise RetrievalError("--method mixer trains on frozen embeddings: give --emb (from retrieve.py embed)")
+    summaries, stories = load_embeddings(args.emb)
+    model = train_retrieval_mixer(summaries, stories, args)
+    atomic_save({"model": model.state_dict(), "d_in": summaries.size(1), "candidates": args.candidates,
+                 "width": args.width, "n_layer": args.n_layer}, args.out)
+    print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------------------------------- search
+
+def cmd_index(args):
+    device = pick_device(args.device)
+    model, enc = load(args.ckpt, device)
+    try:
+        stories = [story for story, _ in read_stories([Path(p) for p in args.stories])]
+    except DataError as e:
+        raise RetrievalError(str(e)) from None
+    ids, cut = tokenize(stories, enc, model.config.block_size)
+    if cut:
+        print(f"{cut:,} of {len(ids):,} stories are longer than block_size: embedded from their first tokens")
+    emb = embed_texts(model, ids, args.batch_size, device, "indexing stories")
+    np.savez(args.out, embeddings=emb, stories=np.array(stories), fingerprint=fingerprint(model))
+    print(f"wrote {args.out}: {len(stories):,} stories")
+
+
+def cmd_search(args):
+    device = pick_device(args.device)
+    model, enc = load(args.ckpt, device)
+    if not Path(args.index).is_file():
+        raise RetrievalError(f"index not found: {args.index} (build it with: retrieve.py index)")
+    with np.load(args.index) as f:
+        if str(f["fingerprint"]) != fingerprint(model):
+            raise RetrievalError(f"{args.index} was built with another checkpoint than {args.ckpt}: "
+                                 "checkpoint mismatch (rebuild it with retrieve.py index --ckpt ...)")
+        emb, stories = torch.from_numpy(f["embeddings"]), f["stories"]
+    ids, _ = tokenize([args.query], enc, model.config.block_size)
+    query = embed_texts(model, ids, 1, device, "query")
+    scores = F.cosine_similarity(torch.from_numpy(query), emb)
+    top = scores.topk(min(args.k, len(stories)))
+    for rank, (score, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+        print(f"{rank}. [{score:.3f}] {stories[i]}\n")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto")
+    common.add_argument("--batch_size", type=int, default=32)
+    common.add_argument("--seed", type=int, default=1337)
+
+    e = sub.add_parser("embed", parents=[common], help="embed every summary and story of a pairs file")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--pairs", required=True)
+    e.add_argument("--out", required=True, help=".npz")
+
+    t = sub.add_parser("train", parents=[common], help="train a retrieval mixer (v1) or fine-tune with InfoNCE (v2+)")
+    t.add_argument("--method", choices=["mixer", "infonce"], required=True)
+    t.add_argument("--emb", help="mixer: embeddings of the training pairs")
+    t.add_argument("--ckpt", help="infonce: the generative model to fine-tune")
+    t.add_argument("--pairs", help="infonce: the training pairs")
+    t.add_argument("--out", required=True, help="mixer: retrieval model .pt; infonce: fine-tuned checkpoint .pt")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--lr", type=float, help="default: 1e-3 for mixer, 1e-4 for infonce")
+    t.add_argument("--log_interval", type=int, default=100)
+    t.add_argument("--candidates", type=int, default=32, help="mixer: candidates per query (chance = 1/N)")
+    t.add_argument("--width", type=int, default=256, help="mixer: hidden width")
+    t.add_argument("--n_layer", type=int, default=2, help="mixer: blocks")
+    t.add_argument("--group", type=int, default=32, help="infonce: pairs per group (in-batch negatives)")
+    t.add_argument("--temperature", type=float, default=0.02, help="infonce: as in the author's code")
+
+    v = sub.add_parser("eval", parents=[common], help="top-1/top-5/MRR of held-out summaries among N candidates")
+    v.add_argument("--emb", required=True, help="embeddings of held-out pairs")
+    v.add_argument("--model", help="a retrieval mixer from train --method mixer (default: cosine similarity)")
+
+    i = sub.add_parser("index", parents=[common], help="embed stories once for search")
+    i.add_argument("--ckpt", required=True)
+    i.add_argument("--stories", nargs="+", required=True, help="pairs .jsonl, or any data_prep.py input")
+    i.add_argument("--out", required=True, help=".npz")
+
+    s = sub.add_parser("search", parents=[common], help="the k stories closest to a query")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--index", required=True)
+    s.add_argument("--query", required=True)
+    s.add_argument("-k", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    commands = {"embed": cmd_embed, "train": cmd_train, "eval": cmd_eval, "index": cmd_index, "search": cmd_search}
+    try:
+        commands[args.command](args)
+    except (RetrievalError, TrainError, DataError) as e:
+        print(f"retrieve.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
