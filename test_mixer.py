@@ -1,4 +1,5 @@
 """Test suite: python -m pytest -q  (CPU, no network; real text from ../shared/data when present)."""
+import argparse
 import os
 from pathlib import Path
 
@@ -468,3 +469,156 @@ def test_sample_generates_from_a_checkpoint(prepared, tmp_path, capsys):
     stories = capsys.readouterr().out.split("-" * 40 + "\n")[:2]
     assert len(stories) == 2 and stories[0] == stories[1]  # greedy
     assert stories[0].startswith("Once upon a time") and len(stories[0]) > len("Once upon a time") + 20
+
+
+# ---------------------------------------------------------------------------------------- bench.py
+
+import bench  # noqa: E402
+
+
+def test_bench_smoke(capsys):
+    bench.main(["--arch", "all", "--steps", "1", "--warmup", "1", "--n_embd", "32", "--n_layer", "1",
+                "--block_size", "16", "--batch_size", "2", "--vocab_size", "256", "--gen_lengths", "16",
+                "--sweep_block_size", "8,16"])
+    out = capsys.readouterr().out
+    train_rows = re.findall(r"^\| (mixer|transformer|hybrid) \| \d+ \| 1 \| (\d+) \| [\d.]+M \| [\d,]+ \|", out, re.M)
+    assert len(train_rows) == 3 + 3 + 6  # equal size, equal params, sweep of two lengths
+    gen_rows = re.findall(r"^\| (\w+) \| 16 \| [\d,]+ \| [\d,]+ \| [\d.]+x \| (True|False) \|$", out, re.M)
+    assert [same for _, same in gen_rows] == ["True"] * 3
+
+
+# -------------------------------------------------------------------------------------- retrieve.py
+
+import retrieve  # noqa: E402
+
+
+def run_retrieve(*argv):
+    retrieve.main([str(a) for a in argv])
+
+
+def retrieve_error(capsys, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        run_retrieve(*argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_rank_metrics_by_hand():
+    scores = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0], [5.0, 5.0, 0.0]])
+    m = retrieve.rank_metrics(scores, torch.tensor([0, 0, 1]))  # ranks 0, 2, and a tie counted as 1
+    assert m["top1"] == pytest.approx(1 / 3) and m["top5"] == 1.0
+    assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+
+
+def test_eval_on_known_embeddings(tmp_path, capsys):
+    stories = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    summaries = torch.cat([stories[:32], -stories[32:]])  # half exact (rank 0), half opposite (rank last)
+    np.savez(tmp_path / "emb.npz", summary=summaries.numpy(), story=stories.numpy(), fingerprint="x")
+    run_retrieve("eval", "--emb", tmp_path / "emb.npz")
+    rows = dict(re.findall(r"^\| (\d+) \| (.*) \|$", capsys.readouterr().out, re.M))
+    assert rows == {"32": f"50.0% | 50.0% | {0.5 + 0.5 / 32:.3f}", "64": f"50.0% | 50.0% | {0.5 + 0.5 / 64:.3f}"}
+
+
+def test_candidate_sets_hold_the_true_story_once():
+    cands, true_col = retrieve.candidate_sets(300, 32, seed=0)
+    assert torch.equal(cands[torch.arange(300), true_col], torch.arange(300))
+    assert all(len(set(row)) == 32 for row in cands.tolist())
+    assert torch.equal(cands, retrieve.candidate_sets(300, 32, seed=0)[0])  # fixed seed
+
+
+def test_retrieval_mixer_learns_a_synthetic_task():
+    g = torch.Generator().manual_seed(0)
+    stories = torch.randn(1200, 32, generator=g)
+    summaries = stories @ torch.linalg.qr(torch.randn(32, 32, generator=g))[0] + 0.3 * torch.randn(1200, 32, generator=g)
+    args = argparse.Namespace(candidates=8, width=64, n_layer=2, lr=1e-3, steps=600, batch_size=64, seed=0,
+                              log_interval=1000)
+    model = retrieve.train_retrieval_mixer(summaries[:1000], stories[:1000], args).eval()
+    cands, true_col = retrieve.candidate_sets(200, 8, seed=1)
+    top1 = retrieve.rank_metrics(retrieve.mixer_scores(model, summaries[1000:], stories[1000:], cands), true_col)["top1"]
+    assert top1 > 0.8, f"held-out top-1 {top1:.2f}, chance 0.125"
+
+
+ANIMALS = "cat dog frog bird fish bear duck lion mouse horse cow pig owl fox bee ant".split()
+
+
+def synthetic_pairs(n, seed):
+    """A story is a line of animal words; its summary names the same animals in another order."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        words = list(rng.choice(ANIMALS, size=5, replace=False))
+        pairs.append({"story": "The " + " and the ".join(words) + " played.",
+                      "summary": "About " + ", ".join(sorted(words)) + "."})
+    return pairs
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    run_train("--data_dir", prepared, "--out_dir", out, *TINY_RUN, "--max_iters", 30, "--eval_interval", 30)
+    return out / "ckpt.pt"
+
+
+def test_infonce_fine_tuning_learns_a_synthetic_task(tiny_ckpt, tmp_path, capsys):
+    train_pairs = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(400, seed=0))
+    val_pairs = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(64, seed=1))
+
+    def top1(ckpt):
+        run_retrieve("embed", "--ckpt", ckpt, "--pairs", val_pairs, "--out", tmp_path / "emb.npz")
+        summaries, stories = retrieve.load_embeddings(tmp_path / "emb.npz")
+        cands, true_col = retrieve.candidate_sets(64, 16, seed=0)
+        return retrieve.rank_metrics(retrieve.cosine_scores(summaries, stories, cands), true_col)["top1"]
+
+    before = top1(tiny_ckpt)
+    run_retrieve("train", "--method", "infonce", "--ckpt", tiny_ckpt, "--pairs", train_pairs, "--out",
+                 tmp_path / "tuned.pt", "--steps", 60, "--group", 16, "--lr", 1e-3)
+    after = top1(tmp_path / "tuned.pt")
+    assert after > 0.5 and after > before + 0.2, f"top-1 among 16 (chance 0.06): {before:.2f} -> {after:.2f}"
+
+
+def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, capsys):
+    pairs = [{"summary": s.split(".")[0] + ".", "story": s} for s in sample_stories[:40]]
+    pairs_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    run_retrieve("embed", "--ckpt", tiny_ckpt, "--pairs", pairs_file, "--out", tmp_path / "emb.npz", "--batch_size", 8)
+    summaries, stories = retrieve.load_embeddings(tmp_path / "emb.npz")
+    assert summaries.shape == stories.shape == (40, 64)
+    run_retrieve("eval", "--emb", tmp_path / "emb.npz")
+    assert re.search(r"^\| 32 \| [\d.]+% \| [\d.]+% \| [\d.]+ \|$", capsys.readouterr().out, re.M)
+    run_retrieve("index", "--ckpt", tiny_ckpt, "--stories", pairs_file, "--out", tmp_path / "index.npz")
+    capsys.readouterr()
+    run_retrieve("search", "--ckpt", tiny_ckpt, "--index", tmp_path / "index.npz", "--query", pairs[7]["story"], "-k", 3)
+    results = re.findall(r"^(\d)\. \[([-\d.]+)\] ", capsys.readouterr().out, re.M)
+    assert [r[0] for r in results] == ["1", "2", "3"]
+    assert float(results[0][1]) == pytest.approx(1.0, abs=1e-3)  # the story itself comes first
+
+
+def test_retrieval_bad_inputs(tiny_ckpt, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"summary": "x", "text": "y"}])
+    assert "line 1 needs string fields" in retrieve_error(capsys, "embed", "--ckpt", tiny_ckpt, "--pairs", bad,
+                                                          "--out", tmp_path / "e.npz")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "empty file" in retrieve_error(capsys, "embed", "--ckpt", tiny_ckpt, "--pairs", tmp_path / "empty.jsonl",
+                                          "--out", tmp_path / "e.npz")
+    assert "checkpoint not found" in retrieve_error(capsys, "embed", "--ckpt", tmp_path / "no.pt", "--pairs", bad,
+                                                    "--out", tmp_path / "e.npz")
+    # an index built with one checkpoint, searched with another
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=0))
+    run_retrieve("index", "--ckpt", tiny_ckpt, "--stories", pairs, "--out", tmp_path / "index.npz")
+    run_retrieve("train", "--method", "infonce", "--ckpt", tiny_ckpt, "--pairs", pairs, "--out", tmp_path / "t.pt",
+                 "--steps", 1, "--group", 8)
+    assert "checkpoint mismatch" in retrieve_error(capsys, "search", "--ckpt", tmp_path / "t.pt", "--index",
+                                                   tmp_path / "index.npz", "--query", "a cat")
+    # a retrieval mixer trained on other-sized embeddings
+    np.savez(tmp_path / "e16.npz", summary=np.zeros((50, 16), np.float32), story=np.ones((50, 16), np.float32))
+    run_retrieve("train", "--method", "mixer", "--emb", tmp_path / "e16.npz", "--out", tmp_path / "r.pt", "--steps", 1,
+                 "--candidates", 8)
+    np.savez(tmp_path / "e64.npz", summary=np.zeros((50, 64), np.float32), story=np.ones((50, 64), np.float32))
+    assert "checkpoint mismatch" in retrieve_error(capsys, "eval", "--emb", tmp_path / "e64.npz", "--model",
+                                                   tmp_path / "r.pt")
