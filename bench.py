@@ -61,7 +61,8 @@ def bench_train(config, args, device):
     seconds = median_seconds(step, args.steps, args.warmup, device)
     tokens_per_s = args.batch_size * config.block_size / seconds
     peak = peak_flops(device)
-    return {"params": model.num_params(), "tokens_per_s": tokens_per_s,
+    return {"params": model.num_params(), "non_embedding": model.num_params(non_embedding=True),
+            "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * model.flops_per_token() / peak if peak else None,
             "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
@@ -82,10 +83,11 @@ def bench_generate(config, context, args, device):
 
 
 def matched_width(config, target_params):
-    """The n_embd (a multiple of 64 that all heads divide) whose model is closest to target_params."""
+    """The n_embd (a multiple of 64 that all heads divide) whose model has the non-embedding
+    parameter count closest to target_params."""
     widths = [w for w in range(64, 8 * config.n_embd + 1, 64)
               if w % config.n_head == 0 and w % config.mixer_heads == 0]
-    count = lambda w: Model(dataclasses.replace(config, n_embd=w)).num_params()  # noqa: E731
+    count = lambda w: Model(dataclasses.replace(config, n_embd=w)).num_params(non_embedding=True)  # noqa: E731
     return min(widths, key=lambda w: abs(count(w) - target_params))
 
 
@@ -94,11 +96,11 @@ def fmt(value, spec, missing="n/a"):
 
 
 def print_train_table(rows):
-    print("| arch | n_embd | n_layer | T | params | tokens/s | MFU | peak mem (MB) |")
+    print("| arch | n_embd | n_layer | T | params (non-embedding) | tokens/s | MFU | peak mem (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for config, r in rows:
         print(f"| {config.arch} | {config.n_embd} | {config.n_layer} | {config.block_size} | "
-              f"{r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'], '.1%')} | "
+              f"{r['params'] / 1e6:.1f}M ({r['non_embedding'] / 1e6:.2f}M) | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'], '.1%')} | "
               f"{fmt(r['peak_mem_mb'], ',.0f')} |")
     print()
 
@@ -114,7 +116,7 @@ def main(argv=None):
     p.add_argument("--mixer_heads", type=int, default=1)
     p.add_argument("--vocab_size", type=int, default=8192)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, caches)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, threads)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -137,8 +139,8 @@ def main(argv=None):
     rows = [(c, bench_train(c, args, device)) for c in (dataclasses.replace(base, arch=a) for a in archs)]
     print_train_table(rows)
     if args.arch == "all":
-        target = rows[0][1]["params"]
-        print(f"Training step, equal parameter count (widths matched to the mixer's {target / 1e6:.1f}M):")
+        target = rows[0][1]["non_embedding"]
+        print(f"Training step, equal non-embedding parameters (widths matched to the mixer's {target / 1e6:.2f}M):")
         matched = [dataclasses.replace(base, arch=a, n_embd=matched_width(dataclasses.replace(base, arch=a), target))
                    for a in archs]
         print_train_table([(c, bench_train(c, args, device)) for c in matched])

@@ -271,8 +271,10 @@ class Model(nn.Module):
             idx = torch.cat([idx, next_token], dim=1)
         return idx
 
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, non_embedding=False):
+        """All parameters, or (non_embedding) without the token embedding and the untied lm_head."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() - self.lm_head.weight.numel() if non_embedding else n
 
     def flops_per_token(self, T=None):
         """Training FLOPs (forward + backward = 3 x forward) per token at sequence length T.

@@ -481,7 +481,8 @@ def test_bench_smoke(capsys):
                 "--block_size", "16", "--batch_size", "2", "--vocab_size", "256", "--gen_lengths", "16",
                 "--sweep_block_size", "8,16"])
     out = capsys.readouterr().out
-    train_rows = re.findall(r"^\| (mixer|transformer|hybrid) \| \d+ \| 1 \| (\d+) \| [\d.]+M \| [\d,]+ \|", out, re.M)
+    train_rows = re.findall(r"^\| (mixer|transformer|hybrid) \| \d+ \| 1 \| (\d+) \| [\d.]+M \([\d.]+M\) \| [\d,]+ \|",
+                            out, re.M)
     assert len(train_rows) == 3 + 3 + 6  # equal size, equal params, sweep of two lengths
     gen_rows = re.findall(r"^\| (\w+) \| 16 \| [\d,]+ \| [\d,]+ \| [\d.]+x \| (True|False) \|$", out, re.M)
     assert [same for _, same in gen_rows] == ["True"] * 3
