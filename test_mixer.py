@@ -461,6 +461,21 @@ def test_training_bad_inputs(prepared, tmp_path, capsys):
         (tmp_path / "val.bin").rename(prepared / "val.bin")
 
 
+def test_ddp_under_torchrun_on_cpu(prepared, tmp_path, capsys):
+    """Two gloo processes: gradients all-reduced, rank 0 logs and saves; a resume needs both again."""
+    args = [str(a) for a in ["--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 40,
+                             "--eval_interval", 20]]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = read_log(tmp_path)
+    assert [int(r["step"]) for r in log] == [0, 20, 40]
+    assert int(log[-1]["tokens"]) == 40 * 2 * 16 * 64  # both ranks' batches count
+    assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"]) - 1.0
+    assert "written by 2 processes" in train_error(capsys, *args, "--resume")
+
+
 def test_sample_generates_from_a_checkpoint(prepared, tmp_path, capsys):
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 100, "--eval_interval", 100)
     capsys.readouterr()

@@ -212,22 +212,25 @@ def train(args):
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out_dir")
     config = resolve_config(args, meta, ckpt)
 
-    torch.manual_seed(args.seed)
+    # Per-rank seeds: each DDP rank draws its own windows and dropout masks (DDP copies rank 0's
+    # initial weights to the others, so the init still agrees).
+    torch.manual_seed(args.seed + rank)
     model = Model(config).to(device)
     optimizer = make_optimizer(model, args, device)
-    rng = np.random.default_rng(args.seed + rank)  # training windows; each DDP rank draws its own
+    rng = np.random.default_rng(args.seed + rank)  # training windows
     step, best_val, elapsed = 0, float("inf"), 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val, elapsed = ckpt["step"], ckpt["best_val"], ckpt["elapsed"]
-        if len(ckpt["rng"]["numpy"]) != world:
-            raise TrainError(f"{ckpt_path} was written by {len(ckpt['rng']['numpy'])} processes: resume with "
+        if len(ckpt["rng"]) != world:
+            raise TrainError(f"{ckpt_path} was written by {len(ckpt['rng'])} processes: resume with "
                              "the same number (torchrun --nproc_per_node) to replay the same batches")
-        rng.bit_generator.state = ckpt["rng"]["numpy"][rank]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        saved = ckpt["rng"][rank]
+        rng.bit_generator.state = saved["numpy"]
+        torch.set_rng_state(saved["torch"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda"], device)
     ctx, dtype = autocast(device, args.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     raw_model = model
@@ -243,16 +246,15 @@ def train(args):
               f"device {device}, {dtype}" + (f", resuming at step {step}" if ckpt else ""))
         start_log(log_path, keep_before=step if ckpt else 0)
 
-    def state():  # what a checkpoint needs besides model and optimizer
-        rng_states = [None] * world
+    def state():  # what a checkpoint needs besides model and optimizer: every rank's RNG states
+        rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),  # windows, dropout
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        rng_states = [rng_state]
         if world > 1:
-            dist.all_gather_object(rng_states, rng.bit_generator.state)
-        else:
-            rng_states = [rng.bit_generator.state]
+            rng_states = [None] * world
+            dist.all_gather_object(rng_states, rng_state)
         return {"step": step, "best_val": best_val, "elapsed": elapsed, "data_meta": meta,
-                "train_args": vars(args),
-                "rng": {"numpy": rng_states, "torch": torch.get_rng_state(),  # dropout draws from these
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+                "train_args": vars(args), "rng": rng_states}
 
     def progress():  # fraction of the budget (steps or minutes, whichever runs out first) used
         minutes = (elapsed + time.time() - window_start) / 60
