@@ -199,9 +199,10 @@ def prep(*argv):
     data_prep.main([str(a) for a in argv])
 
 
-def prep_error(capsys, *argv):
+def cli_error(capsys, run, *argv):
+    """Run a command-line entry point that must fail: exit code 2 and one line on stderr, no traceback."""
     with pytest.raises(SystemExit) as exit_info:
-        prep(*argv)
+        run(*argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -296,23 +297,23 @@ def test_pairs_split_keeps_each_story_on_one_side(tmp_path):
 
 def test_bad_inputs_give_one_clear_line(tmp_path, capsys, monkeypatch):
     out = ("--out_dir", tmp_path / "out")
-    assert "not found: " in prep_error(capsys, "--input", tmp_path / "missing.txt", *out)
+    assert "not found: " in cli_error(capsys, prep, "--input", tmp_path / "missing.txt", *out)
     (tmp_path / "empty.txt").write_text("")
-    assert "empty" in prep_error(capsys, "--input", tmp_path / "empty.txt", *out)
+    assert "empty" in cli_error(capsys, prep, "--input", tmp_path / "empty.txt", *out)
     (tmp_path / "none.txt").write_text("<|endoftext|>\n\n<|endoftext|>\n")
-    assert "no stories found" in prep_error(capsys, "--input", tmp_path / "none.txt", *out)
+    assert "no stories found" in cli_error(capsys, prep, "--input", tmp_path / "none.txt", *out)
     good = b"A fine story.\n<|endoftext|>\nBad "
     (tmp_path / "bad.txt").write_bytes(good + b"\xff byte\n")
-    assert f"byte offset {len(good)}" in prep_error(capsys, "--input", tmp_path / "bad.txt", *out)
+    assert f"byte offset {len(good)}" in cli_error(capsys, prep, "--input", tmp_path / "bad.txt", *out)
     (tmp_path / "bad.jsonl").write_text('{"title": "no story"}\n')
-    assert "line 1 has no \"story\"" in prep_error(capsys, "--input", tmp_path / "bad.jsonl", *out)
+    assert "line 1 has no \"story\"" in cli_error(capsys, prep, "--input", tmp_path / "bad.jsonl", *out)
     (tmp_path / "ok.txt").write_text(official_txt(STORIES))
-    assert "uint16" in prep_error(capsys, "--input", tmp_path / "ok.txt", "--vocab_size", 70000, *out)
+    assert "uint16" in cli_error(capsys, prep, "--input", tmp_path / "ok.txt", "--vocab_size", 70000, *out)
     # a failure after tokenizing has started leaves nothing that looks like output
-    assert "none.txt: no stories" in prep_error(capsys, "--input", tmp_path / "ok.txt", tmp_path / "none.txt", *out)
+    assert "none.txt: no stories" in cli_error(capsys, prep, "--input", tmp_path / "ok.txt", tmp_path / "none.txt", *out)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
     monkeypatch.setattr(data_prep, "HF_URL", "http://127.0.0.1:9/")  # nothing listens: as if offline
-    assert "--input" in prep_error(capsys, "--download_dir", tmp_path / "dl", *out)
+    assert "--input" in cli_error(capsys, prep, "--download_dir", tmp_path / "dl", *out)
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
@@ -371,15 +372,6 @@ def run_train(*argv):
     train.main([str(a) for a in argv])
 
 
-def train_error(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run_train(*argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
-
-
 def read_log(out_dir):
     with open(out_dir / "log.csv") as f:
         return list(csv.DictReader(f))
@@ -434,7 +426,7 @@ def test_max_minutes_stops_on_time(prepared, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path, capsys):
-    err = train_error(capsys, "--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--lr", 1e6,
+    err = cli_error(capsys, run_train, "--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--lr", 1e6,
                       "--warmup_iters", 1, "--grad_clip", 0, "--max_iters", 100, "--eval_interval", 50,
                       "--log_interval", 1)
     assert re.search(r"(loss|val loss) is (nan|inf)", err) and "keeps the last good state" in err
@@ -443,20 +435,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path, c
 
 
 def test_training_bad_inputs(prepared, tmp_path, capsys):
-    assert "run python data_prep.py" in train_error(capsys, "--data_dir", tmp_path / "nothing")
+    assert "run python data_prep.py" in cli_error(capsys, run_train, "--data_dir", tmp_path / "nothing")
     out = ["--out_dir", tmp_path / "run"]
     run_train("--data_dir", prepared, *out, *TINY_RUN, "--max_iters", 2, "--eval_interval", 2)
-    assert "pass --resume" in train_error(capsys, "--data_dir", prepared, *out)
-    assert "block_size=64 but --block_size 32" in train_error(capsys, "--data_dir", prepared, *out, "--resume",
+    assert "pass --resume" in cli_error(capsys, run_train, "--data_dir", prepared, *out)
+    assert "block_size=64 but --block_size 32" in cli_error(capsys, run_train, "--data_dir", prepared, *out, "--resume",
                                                                "--block_size", 32)
-    assert "arch=mixer but --arch hybrid" in train_error(capsys, "--data_dir", prepared, *out, "--resume",
+    assert "arch=mixer but --arch hybrid" in cli_error(capsys, run_train, "--data_dir", prepared, *out, "--resume",
                                                           "--arch", "hybrid")
     other = tmp_path / "other_vocab"
     prep("--input", SAMPLE_TEXT, "--out_dir", other, "--vocab_size", 1024, "--max_stories", 300)
-    assert "4096-token vocabulary" in train_error(capsys, "--data_dir", other, *out, "--resume")
+    assert "4096-token vocabulary" in cli_error(capsys, run_train, "--data_dir", other, *out, "--resume")
     (prepared / "val.bin").rename(tmp_path / "val.bin")
     try:
-        assert "re-run data_prep.py" in train_error(capsys, "--data_dir", prepared, "--out_dir", tmp_path / "x")
+        assert "re-run data_prep.py" in cli_error(capsys, run_train, "--data_dir", prepared, "--out_dir", tmp_path / "x")
     finally:
         (tmp_path / "val.bin").rename(prepared / "val.bin")
 
@@ -473,7 +465,7 @@ def test_ddp_under_torchrun_on_cpu(prepared, tmp_path, capsys):
     assert [int(r["step"]) for r in log] == [0, 20, 40]
     assert int(log[-1]["tokens"]) == 40 * 2 * 16 * 64  # both ranks' batches count
     assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"]) - 1.0
-    assert "written by 2 processes" in train_error(capsys, *args, "--resume")
+    assert "written by 2 processes" in cli_error(capsys, run_train, *args, "--resume")
 
 
 def test_sample_generates_from_a_checkpoint(prepared, tmp_path, capsys):
@@ -510,15 +502,6 @@ import retrieve  # noqa: E402
 
 def run_retrieve(*argv):
     retrieve.main([str(a) for a in argv])
-
-
-def retrieve_error(capsys, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run_retrieve(*argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    return err
 
 
 def test_rank_metrics_by_hand():
@@ -617,24 +600,24 @@ def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, caps
 
 def test_retrieval_bad_inputs(tiny_ckpt, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"summary": "x", "text": "y"}])
-    assert "line 1 needs string fields" in retrieve_error(capsys, "embed", "--ckpt", tiny_ckpt, "--pairs", bad,
+    assert "line 1 needs string fields" in cli_error(capsys, run_retrieve, "embed", "--ckpt", tiny_ckpt, "--pairs", bad,
                                                           "--out", tmp_path / "e.npz")
     (tmp_path / "empty.jsonl").write_text("")
-    assert "empty file" in retrieve_error(capsys, "embed", "--ckpt", tiny_ckpt, "--pairs", tmp_path / "empty.jsonl",
+    assert "empty file" in cli_error(capsys, run_retrieve, "embed", "--ckpt", tiny_ckpt, "--pairs", tmp_path / "empty.jsonl",
                                           "--out", tmp_path / "e.npz")
-    assert "checkpoint not found" in retrieve_error(capsys, "embed", "--ckpt", tmp_path / "no.pt", "--pairs", bad,
+    assert "checkpoint not found" in cli_error(capsys, run_retrieve, "embed", "--ckpt", tmp_path / "no.pt", "--pairs", bad,
                                                     "--out", tmp_path / "e.npz")
     # an index built with one checkpoint, searched with another
     pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=0))
     run_retrieve("index", "--ckpt", tiny_ckpt, "--stories", pairs, "--out", tmp_path / "index.npz")
     run_retrieve("train", "--method", "infonce", "--ckpt", tiny_ckpt, "--pairs", pairs, "--out", tmp_path / "t.pt",
                  "--steps", 1, "--group", 8)
-    assert "checkpoint mismatch" in retrieve_error(capsys, "search", "--ckpt", tmp_path / "t.pt", "--index",
+    assert "checkpoint mismatch" in cli_error(capsys, run_retrieve, "search", "--ckpt", tmp_path / "t.pt", "--index",
                                                    tmp_path / "index.npz", "--query", "a cat")
     # a retrieval mixer trained on other-sized embeddings
     np.savez(tmp_path / "e16.npz", summary=np.zeros((50, 16), np.float32), story=np.ones((50, 16), np.float32))
     run_retrieve("train", "--method", "mixer", "--emb", tmp_path / "e16.npz", "--out", tmp_path / "r.pt", "--steps", 1,
                  "--candidates", 8)
     np.savez(tmp_path / "e64.npz", summary=np.zeros((50, 64), np.float32), story=np.ones((50, 64), np.float32))
-    assert "checkpoint mismatch" in retrieve_error(capsys, "eval", "--emb", tmp_path / "e64.npz", "--model",
+    assert "checkpoint mismatch" in cli_error(capsys, run_retrieve, "eval", "--emb", tmp_path / "e64.npz", "--model",
                                                    tmp_path / "r.pt")
