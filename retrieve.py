@@ -249,8 +249,8 @@ def train_infonce(args):
     """Fine-tune the generative model so that a summary's embedding is closest (cosine) to its own
     story's among the --group stories of its batch: symmetric InfoNCE with temperature."""
     device = pick_device(args.device)
-    model, enc = load(args.ckpt, device)
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    model, meta = load_model(args.ckpt, device)
+    enc = load_encoding(meta)
     pairs = read_pairs(args.pairs)
     if len(pairs) < args.group:
         raise RetrievalError(f"{len(pairs)} pairs: need at least --group {args.group}")
@@ -273,7 +273,7 @@ def train_infonce(args):
             print(f"step {step}: loss {loss.item():.4f} (chance {np.log(args.group):.4f})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(model.config),
-                 "data_meta": ckpt["data_meta"]}, args.out)
+                 "data_meta": meta}, args.out)
     print(f"wrote {args.out} (embed with it: retrieve.py embed --ckpt {args.out} ...)")
 
 
