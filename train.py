@@ -134,10 +134,15 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def diverged(what, step, ckpt_path):
+    """The error for a run that blew up: it is not saved, so ckpt_path keeps the last good state."""
+    return TrainError(f"{what} at step {step}: not saving; {ckpt_path} keeps the last good state "
+                      "(lower --lr or raise --warmup_iters)")
+
+
 def save_checkpoint(path, model, optimizer, state):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise TrainError(f"weights are not finite at step {state['step']}: not saving; {path} keeps the "
-                         "last good state (lower --lr or raise --warmup_iters)")
+        raise diverged("weights are not finite", state["step"], path)
     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "config": dataclasses.asdict(model.config), **state}, path)
 
@@ -279,8 +284,7 @@ def train(args):
                 tokens_per_s = window_steps * tokens_per_step / window_time if window_steps else None
                 losses = evaluate(raw_model, splits, args, device, ctx)
                 if not math.isfinite(losses["val"]):
-                    raise TrainError(f"val loss is {losses['val']} at step {step}; {ckpt_path} keeps the last good "
-                                     "state (lower --lr or raise --warmup_iters)")
+                    raise diverged(f"val loss is {losses['val']}", step, ckpt_path)
                 improved, best_val = losses["val"] < best_val, min(best_val, losses["val"])
                 st = state()
                 if master:
@@ -297,8 +301,7 @@ def train(args):
             if step % args.log_interval == 0:
                 loss_value = loss.item()  # a sync: only every log_interval steps
                 if not math.isfinite(loss_value):
-                    raise TrainError(f"loss is {loss_value} at step {step}; {ckpt_path} keeps the last good state "
-                                     "(lower --lr or raise --warmup_iters)")
+                    raise diverged(f"loss is {loss_value}", step, ckpt_path)
                 ms_per_step, last_log = (time.time() - last_log) * 1000 / args.log_interval, time.time()
                 if master:
                     print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {ms_per_step:.0f} ms/step")
@@ -318,9 +321,9 @@ def train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world):
         x, y = next_batch()
         # DDP: all-reduce gradients only once, after the last micro-batch
         sync = contextlib.nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
-        with sync, ctx:
-            _, loss = model(x, y)
         with sync:
+            with ctx:
+                _, loss = model(x, y)
             scaler.scale(loss / args.grad_accum).backward()
     if args.grad_clip:
         scaler.unscale_(optimizer)
