@@ -19,7 +19,6 @@ import json
 import lzma
 import os
 import re
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -29,14 +28,16 @@ from urllib.request import Request, urlopen
 import numpy as np
 import tiktoken
 
+from cli import HelpFormatter, Progress, UserError, fraction, positive_int, run
+
 HF_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 DOWNLOADS = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
 EOT = "<|endoftext|>"
 STORIES_PER_CHUNK = 2048  # the unit of parallel tokenization; bounds memory
 
 
-class DataError(Exception):
-    """Bad input: reported as one line and exit code 2."""
+class DataError(UserError):
+    """Bad input data or settings."""
 
 
 # ---------------------------------------------------------------------------------------- encoding
@@ -96,17 +97,14 @@ def download(url, dest):
 
 
 def copy_with_progress(src, dst, name, done, total):
-    start, start_bytes, last = time.time(), done, 0.0
+    start, start_bytes, progress = time.time(), done, Progress()
     while chunk := src.read(1 << 20):
         dst.write(chunk)
         done += len(chunk)
-        if time.time() - last > 0.5 or done == total:
-            last = time.time()
-            rate = (done - start_bytes) / max(last - start, 1e-9)
-            eta = (total - done) / rate if rate and total else float("nan")
-            print(f"\r{name}: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB  {rate / 1e6:.1f} MB/s  ETA {eta:.0f}s",
-                  end="", flush=True)
-    print()
+        rate = (done - start_bytes) / max(time.time() - start, 1e-9)
+        eta = (total - done) / rate if rate and total else float("nan")
+        progress.update(f"{name}: {done / 1e6:,.0f}/{total / 1e6:,.0f} MB  {rate / 1e6:.1f} MB/s  ETA {eta:.0f}s")
+    progress.done(f"{name}: {done / 1e6:,.0f} MB in {time.time() - start:.0f}s")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -258,20 +256,18 @@ class Split:
 def tokenize(stories, splits, enc, num_proc):
     """Stream (story, summary, split_name) in chunks; tiktoken encodes each chunk on num_proc threads
     (it releases the GIL). Memory is bounded by the chunk size, not the input size."""
-    start, n_tokens, last = time.time(), 0, 0.0
+    start, n_tokens, progress = time.time(), 0, Progress()
     while chunk := list(itertools.islice(stories, STORIES_PER_CHUNK * num_proc)):
         token_lists = enc.encode_ordinary_batch([story for story, _, _ in chunk], num_threads=num_proc)
         for name, split in splits.items():
             keep = [i for i, (_, _, s) in enumerate(chunk) if s == name]
             split.add([chunk[i][:2] for i in keep], [token_lists[i] for i in keep], enc.eot_token)
         n_tokens += sum(map(len, token_lists)) + len(chunk)
-        if time.time() - last > 2:
-            last = time.time()
-            print(f"\rtokenized {sum(s.stories for s in splits.values()):,} stories, {n_tokens:,} tokens, "
-                  f"{n_tokens / (last - start):,.0f} tokens/s", end="", flush=True)
+        progress.update(f"tokenized {sum(s.stories for s in splits.values()):,} stories, {n_tokens:,} tokens, "
+                        f"{n_tokens / (time.time() - start):,.0f} tokens/s")
     elapsed = time.time() - start
-    print(f"\rtokenized {sum(s.stories for s in splits.values()):,} stories, {n_tokens:,} tokens in "
-          f"{elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
+    progress.done(f"tokenized {sum(s.stories for s in splits.values()):,} stories, {n_tokens:,} tokens in "
+                  f"{elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
 
 
 def labelled(stories, split):
@@ -279,13 +275,21 @@ def labelled(stories, split):
         yield story, summary, split(story) if callable(split) else split
 
 
+def check_folder(path, flag):
+    """A folder to write into: fine if missing (it is made), an error if it is a file."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise DataError(f"{flag} {path} is a file, not a folder: choose another {flag}")
+
+
 def prepare(args):
     out_dir = Path(args.out_dir)
+    check_folder(out_dir, "--out_dir")
     if args.input:
         train_paths, val_paths = check_inputs(args.input), check_inputs(args.val_input or [])
     else:
         if args.val_input:
             raise DataError("--val_input needs --input")
+        check_folder(args.download_dir, "--download_dir")
         train_paths = [download(HF_URL + DOWNLOADS["train"], Path(args.download_dir) / DOWNLOADS["train"])]
         val_paths = [download(HF_URL + DOWNLOADS["val"], Path(args.download_dir) / DOWNLOADS["val"])]
     enc = load_encoding({"encoding": "gpt2", "vocab_size": args.vocab_size or 50257})
@@ -337,28 +341,21 @@ def prepare(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--input", nargs="+", help="local files (.txt, .jsonl, .json, optionally .gz/.xz) instead of downloading")
     p.add_argument("--val_input", nargs="+", help="local validation files; without them --val_fraction of --input is held out")
-    p.add_argument("--val_fraction", type=float, default=0.02, help="share of stories held out for val when there is no val input")
-    p.add_argument("--max_stories", type=int, help="use only the first N stories of the train (and of the val) input")
-    p.add_argument("--vocab_size", type=int, help="cut GPT-2's BPE to this many tokens (e.g. 4096, as in the paper)")
+    p.add_argument("--val_fraction", type=fraction, default=0.02, help="share of stories held out for val when there is no val input")
+    p.add_argument("--max_stories", type=positive_int, help="use only the first N stories of the train (and of the val) input")
+    p.add_argument("--vocab_size", type=positive_int, help="cut GPT-2's BPE to this many tokens (e.g. 4096, as in the paper)")
     p.add_argument("--out_dir", default="data/tinystories")
     p.add_argument("--download_dir", default="data/download", help="where downloads are kept (and resumed)")
-    p.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer threads")
+    p.add_argument("--num_proc", type=positive_int, default=os.cpu_count(), help="tokenizer threads")
     p.add_argument("--force", action="store_true", help="redo even if out_dir already holds this result")
-    args = p.parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
-        p.error("--val_fraction must be in [0, 1)")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):
-    try:
-        prepare(parse_args(argv))
-    except DataError as e:
-        print(f"data_prep.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run("data_prep.py", prepare, parse_args(argv))
 
 
 if __name__ == "__main__":

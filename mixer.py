@@ -37,6 +37,11 @@ class Config:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}: choose one of {', '.join(ARCHS)}")
+        for count in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "mixer_heads"):
+            if getattr(self, count) < 1:
+                raise ValueError(f"{count} must be at least 1, not {getattr(self, count)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if not self.causal and self.arch != "mixer":
             raise ValueError("causal=False (bidirectional mixing) is only defined for arch 'mixer'")
         for heads in ("n_head", "mixer_heads"):

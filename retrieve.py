@@ -17,8 +17,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_prep import DataError, load_encoding, read_stories
+from cli import HelpFormatter, Progress, UserError, positive_float, positive_int, run
+from data_prep import load_encoding, read_stories
 from mixer import Block, Config
-from train import TrainError, atomic_save, load_model, pick_device
+from train import atomic_save, load_checkpoint, load_model, pick_device
 
 
-class RetrievalError(Exception):
-    """Bad input: reported as one line and exit code 2."""
+class RetrievalError(UserError):
+    """Bad retrieval input: missing or mismatched pairs, embeddings, index or retrieval model."""
 
 
 # ---------------------------------------------------------------------------------------- embedding
@@ -83,12 +84,12 @@ def embed_texts(model, ids, batch_size, device, label):
     """[N, n_embd] float32 embeddings, batched by length (little padding), with a progress line."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = np.empty((len(ids), model.config.n_embd), dtype=np.float32)
-    start = time.time()
+    start, progress = time.time(), Progress()
     for first in range(0, len(ids), batch_size):
         rows = order[first : first + batch_size]
         out[rows] = model.embed(*padded([ids[i] for i in rows], device)).float().cpu().numpy()
-        print(f"\r{label}: {first + len(rows):,}/{len(ids):,} ({time.time() - start:.0f}s)", end="", flush=True)
-    print()
+        progress.update(f"{label}: {first + len(rows):,}/{len(ids):,} ({time.time() - start:.0f}s)")
+    progress.done(f"{label}: {len(ids):,} in {time.time() - start:.1f}s")
     return out
 
 
@@ -108,17 +109,28 @@ def cmd_embed(args):
             print(f"{cut:,} of {len(ids):,} {field} texts are longer than block_size {model.config.block_size}: "
                   "embedded from their first block_size tokens")
         arrays[field] = embed_texts(model, ids, args.batch_size, device, f"embedding {field} texts")
-    np.savez(args.out, **arrays, fingerprint=fingerprint(model))
+    save_npz(args.out, **arrays, fingerprint=fingerprint(model))
     print(f"wrote {args.out}: {len(pairs):,} pairs, {model.config.n_embd}-dim")
 
 
-def load_embeddings(path):
+def read_npz(path, needs, made_by):
+    """The arrays `needs` of an .npz written by `made_by`, as numpy arrays; every failure to read one
+    is a RetrievalError that says how to make the file again."""
     if not Path(path).is_file():
-        raise RetrievalError(f"embeddings not found: {path} (make them with: retrieve.py embed)")
-    with np.load(path) as f:
-        if not {"summary", "story"} <= set(f.files):
-            raise RetrievalError(f"{path} has no summary/story arrays: not made by retrieve.py embed")
-        return torch.from_numpy(f["summary"]), torch.from_numpy(f["story"])
+        raise RetrievalError(f"not found: {path} (make it with: {made_by})")
+    try:
+        with np.load(path) as f:
+            missing = [name for name in needs if name not in f.files]
+            if missing:
+                raise RetrievalError(f"{path} has no {', '.join(missing)} array: not made by {made_by}")
+            return {name: f[name] for name in needs}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise RetrievalError(f"{path} is not a readable .npz ({str(e)[:100]}): make it again with {made_by}") from None
+
+
+def load_embeddings(path):
+    arrays = read_npz(path, ("summary", "story"), "retrieve.py embed")
+    return torch.from_numpy(arrays["summary"]), torch.from_numpy(arrays["story"])
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -208,9 +220,7 @@ def slots(summaries, stories, cands):
 
 
 def load_retrieval_model(path, d_in):
-    if not Path(path).is_file():
-        raise RetrievalError(f"retrieval model not found: {path} (train one with: retrieve.py train --method mixer)")
-    saved = torch.load(path, weights_only=True)
+    saved = load_checkpoint(path, needs=("model", "d_in", "candidates", "width", "n_layer"))
     if saved["d_in"] != d_in:
         raise RetrievalError(f"{path} was trained on {saved['d_in']}-dim embeddings, these are {d_in}-dim: "
                              "checkpoint mismatch (embed with the checkpoint it was trained for)")
@@ -294,92 +304,107 @@ def cmd_train(args):
 
 # ---------------------------------------------------------------------------------------- search
 
+def save_npz(path, **arrays):
+    """np.savez to path (exactly that name) via a temp file and a rename: never half-written."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
 def cmd_index(args):
     device = pick_device(args.device)
     model, enc = load(args.ckpt, device)
-    try:
-        stories = [story for story, _ in read_stories([Path(p) for p in args.stories])]
-    except DataError as e:
-        raise RetrievalError(str(e)) from None
+    stories = [story for story, _ in read_stories([Path(p) for p in args.stories])]
     ids, cut = tokenize(stories, enc, model.config.block_size)
     if cut:
         print(f"{cut:,} of {len(ids):,} stories are longer than block_size: embedded from their first tokens")
     emb = embed_texts(model, ids, args.batch_size, device, "indexing stories")
-    np.savez(args.out, embeddings=emb, stories=np.array(stories), fingerprint=fingerprint(model))
+    # the texts as one UTF-8 blob and offsets: compact for 100k+ stories (a numpy string array pads
+    # every story to the longest one, 4 bytes a character)
+    encoded = [story.encode() for story in stories]
+    offsets = np.cumsum([0] + [len(b) for b in encoded])
+    save_npz(args.out, embeddings=emb, text=np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets=offsets,
+             fingerprint=fingerprint(model))
     print(f"wrote {args.out}: {len(stories):,} stories")
 
 
 def cmd_search(args):
+    if not args.query.strip():
+        raise RetrievalError("--query is empty: give the text to search for")
     device = pick_device(args.device)
     model, enc = load(args.ckpt, device)
-    if not Path(args.index).is_file():
-        raise RetrievalError(f"index not found: {args.index} (build it with: retrieve.py index)")
-    with np.load(args.index) as f:
-        if str(f["fingerprint"]) != fingerprint(model):
-            raise RetrievalError(f"{args.index} was built with another checkpoint than {args.ckpt}: "
-                                 "checkpoint mismatch (rebuild it with retrieve.py index --ckpt ...)")
-        emb, stories = torch.from_numpy(f["embeddings"]), f["stories"]
+    index = read_npz(args.index, ("embeddings", "text", "offsets", "fingerprint"), "retrieve.py index")
+    if str(index["fingerprint"]) != fingerprint(model):
+        raise RetrievalError(f"{args.index} was built with another checkpoint than {args.ckpt}: "
+                             "checkpoint mismatch (rebuild it with retrieve.py index --ckpt ...)")
     ids, _ = tokenize([args.query], enc, model.config.block_size)
-    query = embed_texts(model, ids, 1, device, "query")
-    scores = F.cosine_similarity(torch.from_numpy(query), emb)
-    top = scores.topk(min(args.k, len(stories)))
+    query = model.embed(*padded(ids, device)).float().cpu()  # [1, d]
+    scores = F.cosine_similarity(query, torch.from_numpy(index["embeddings"]))  # [N]
+    top = scores.topk(min(args.k, len(scores)))
+    text, offsets = index["text"], index["offsets"]
     for rank, (score, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-        print(f"{rank}. [{score:.3f}] {stories[i]}\n")
+        story = text[offsets[i] : offsets[i + 1]].tobytes().decode()
+        shown = story if args.full else " ".join(story.split())[:100]  # one line: newlines folded
+        print(f"{rank:>2}. {score:.3f}  #{i}  {shown}" + ("\n" if args.full else ""))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto")
-    common.add_argument("--batch_size", type=int, default=32)
-    common.add_argument("--seed", type=int, default=1337)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    common.add_argument("--batch_size", type=positive_int, default=32, help="texts per batch")
+    common.add_argument("--seed", type=int, default=1337, help="for candidate sets and training")
 
-    e = sub.add_parser("embed", parents=[common], help="embed every summary and story of a pairs file")
-    e.add_argument("--ckpt", required=True)
-    e.add_argument("--pairs", required=True)
-    e.add_argument("--out", required=True, help=".npz")
+    def command(name, help):
+        return sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=HelpFormatter)
 
-    t = sub.add_parser("train", parents=[common], help="train a retrieval mixer (v1) or fine-tune with InfoNCE (v2+)")
+    e = command("embed", "embed every summary and story of a pairs file")
+    e.add_argument("--ckpt", required=True, help="a checkpoint from train.py (or from train --method infonce)")
+    e.add_argument("--pairs", required=True, help="jsonl with summary and story fields")
+    e.add_argument("--out", required=True, help="embeddings .npz to write")
+
+    t = command("train", "train a retrieval mixer (v1) or fine-tune with InfoNCE (v2+)")
     t.add_argument("--method", choices=["mixer", "infonce"], required=True)
     t.add_argument("--emb", help="mixer: embeddings of the training pairs")
     t.add_argument("--ckpt", help="infonce: the generative model to fine-tune")
     t.add_argument("--pairs", help="infonce: the training pairs")
     t.add_argument("--out", required=True, help="mixer: retrieval model .pt; infonce: fine-tuned checkpoint .pt")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--lr", type=float, help="default: 1e-3 for mixer, 1e-4 for infonce")
-    t.add_argument("--log_interval", type=int, default=100)
-    t.add_argument("--candidates", type=int, default=32, help="mixer: candidates per query (chance = 1/N)")
-    t.add_argument("--width", type=int, default=256, help="mixer: hidden width")
-    t.add_argument("--n_layer", type=int, default=2, help="mixer: blocks")
-    t.add_argument("--group", type=int, default=32, help="infonce: pairs per group (in-batch negatives)")
-    t.add_argument("--temperature", type=float, default=0.02, help="infonce: as in the author's code")
+    t.add_argument("--steps", type=positive_int, default=2000)
+    t.add_argument("--lr", type=positive_float, help="default: 1e-3 for mixer, 1e-4 for infonce")
+    t.add_argument("--log_interval", type=positive_int, default=100)
+    t.add_argument("--candidates", type=positive_int, default=32, help="mixer: candidates per query (chance = 1/N)")
+    t.add_argument("--width", type=positive_int, default=256, help="mixer: hidden width")
+    t.add_argument("--n_layer", type=positive_int, default=2, help="mixer: blocks")
+    t.add_argument("--group", type=positive_int, default=32, help="infonce: pairs per group (in-batch negatives)")
+    t.add_argument("--temperature", type=positive_float, default=0.02, help="infonce: as in the author's code")
 
-    v = sub.add_parser("eval", parents=[common], help="top-1/top-5/MRR of held-out summaries among N candidates")
+    v = command("eval", "top-1/top-5/MRR of held-out summaries among N candidates")
     v.add_argument("--emb", required=True, help="embeddings of held-out pairs")
     v.add_argument("--model", help="a retrieval mixer from train --method mixer (default: cosine similarity)")
 
-    i = sub.add_parser("index", parents=[common], help="embed stories once for search")
-    i.add_argument("--ckpt", required=True)
+    i = command("index", "embed stories once for search")
+    i.add_argument("--ckpt", required=True, help="a checkpoint from train.py")
     i.add_argument("--stories", nargs="+", required=True, help="pairs .jsonl, or any data_prep.py input")
-    i.add_argument("--out", required=True, help=".npz")
+    i.add_argument("--out", required=True, help="index .npz to write")
 
-    s = sub.add_parser("search", parents=[common], help="the k stories closest to a query")
-    s.add_argument("--ckpt", required=True)
-    s.add_argument("--index", required=True)
-    s.add_argument("--query", required=True)
-    s.add_argument("-k", type=int, default=5)
+    s = command("search", "the k stories closest to a query, one line each")
+    s.add_argument("--ckpt", required=True, help="the checkpoint the index was built with")
+    s.add_argument("--index", required=True, help="from retrieve.py index")
+    s.add_argument("--query", required=True, help="the text to search for")
+    s.add_argument("-k", type=positive_int, default=5, help="how many stories")
+    s.add_argument("--full", action="store_true", help="print each story whole, not its first 100 characters")
     return p.parse_args(argv)
+
+
+COMMANDS = {"embed": cmd_embed, "train": cmd_train, "eval": cmd_eval, "index": cmd_index, "search": cmd_search}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    commands = {"embed": cmd_embed, "train": cmd_train, "eval": cmd_eval, "index": cmd_index, "search": cmd_search}
-    try:
-        commands[args.command](args)
-    except (RetrievalError, TrainError, DataError) as e:
-        print(f"retrieve.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run("retrieve.py", COMMANDS[args.command], args)
 
 
 if __name__ == "__main__":

@@ -417,6 +417,58 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(prepared, tmp_path
     assert losses(read_log(tmp_path / "cut")) == losses(read_log(tmp_path / "straight"))
 
 
+def test_story_layout_rows_start_at_stories_and_pad_after_their_end(tmp_path):
+    # some shorter, some longer than T; each opens with its own word
+    stories = [f"{animal} " + " ".join(["word"] * n) + "." for animal, n in zip(ANIMALS, (3, 40, 7, 12, 90, 5))]
+    prep("--input", write_text(tmp_path / "in.txt", official_txt(stories)), "--val_input", tmp_path / "in.txt",
+         "--out_dir", tmp_path / "data", "--vocab_size", 512)
+    splits, meta = train.load_data(tmp_path / "data", layout="stories")
+    eot, T, tokens = meta["eot_token"], 16, np.asarray(splits["train"].tokens)
+    story_starts = [0] + [i + 1 for i in np.flatnonzero(tokens == eot)[:-1]]
+    assert splits["train"].starts.tolist() == story_starts
+
+    def expected_row(start):  # the story's tokens, its <|endoftext|> as the last target, then padding
+        end = int(np.argmax(tokens[start:] == eot))  # where the story's <|endoftext|> falls in the row
+        x = tokens[start : start + min(end + 1, T)].tolist() + [eot] * (T - end - 1)
+        y = tokens[start + 1 : start + 1 + min(end, T)].tolist() + [-1] * (T - end)
+        return x, y
+
+    x, y = train.get_batch(splits["train"], T, 64, np.random.default_rng(0), torch.device("cpu"))
+    rows = list(zip(x.tolist(), y.tolist()))
+    assert all(row in [expected_row(s) for s in story_starts] for row in rows)
+    assert len(set(map(str, rows))) == len(stories)  # 64 draws cover every story
+    assert (y == -1).any() and not (y == -1).all(dim=1).any()
+
+
+def write_text(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_starts_at_the_peak_when_warmup_ends_and_ends_at_the_minimum(schedule):
+    args = argparse.Namespace(lr=1e-3, min_lr_ratio=0.1, warmup_iters=100, lr_schedule=schedule)
+    # warmup took 30% of a time budget: the decay must start at the peak there, not jump down
+    assert train.lr_at(0.3, 99, None, args) == pytest.approx(1e-3)
+    assert train.lr_at(0.3, 100, 0.3, args) == pytest.approx(1e-3)
+    assert train.lr_at(0.31, 110, 0.3, args) > 0.98e-3  # the bug this guards against gave 0.69e-3
+    assert train.lr_at(1.0, 5000, 0.3, args) == pytest.approx(1e-4)
+    lrs = [train.lr_at(p, 100 + i, 0.3, args) for i, p in enumerate(np.linspace(0.3, 1.2, 50))]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-4)
+
+
+def test_keep_every_snapshots_and_the_layout_stays_on_resume(prepared, tmp_path, capsys):
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--layout", "stories", "--max_iters", 20,
+              "--eval_interval", 10, "--keep_every", 10, "--warmup_iters", 10, "--lr_schedule", "linear")
+    assert sorted(p.name for p in tmp_path.glob("ckpt_step*.pt")) == ["ckpt_step0.pt", "ckpt_step10.pt", "ckpt_step20.pt"]
+    snapshot = train.load_checkpoint(tmp_path / "ckpt_step10.pt")
+    assert snapshot["step"] == 10 and snapshot["train_args"]["layout"] == "stories"
+    lr = {int(r["step"]): float(r["lr"]) for r in read_log(tmp_path)}
+    assert lr[10] == pytest.approx(3e-3) and lr[20] == pytest.approx(3e-4)  # peak when warmup ends, min at the end
+    assert "--layout stories" in cli_error(capsys, run_train, "--data_dir", prepared, "--out_dir", tmp_path, "--resume",
+                                              "--layout", "packed", "--max_iters", 30)
+
+
 def test_max_minutes_stops_on_time(prepared, tmp_path):
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 10**6,
               "--max_minutes", 0.05, "--eval_interval", 20)
@@ -592,10 +644,16 @@ def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, caps
     assert re.search(r"^\| 32 \| [\d.]+% \| [\d.]+% \| [\d.]+ \|$", capsys.readouterr().out, re.M)
     run_retrieve("index", "--ckpt", tiny_ckpt, "--stories", pairs_file, "--out", tmp_path / "index.npz")
     capsys.readouterr()
-    run_retrieve("search", "--ckpt", tiny_ckpt, "--index", tmp_path / "index.npz", "--query", pairs[7]["story"], "-k", 3)
-    results = re.findall(r"^(\d)\. \[([-\d.]+)\] ", capsys.readouterr().out, re.M)
-    assert [r[0] for r in results] == ["1", "2", "3"]
-    assert float(results[0][1]) == pytest.approx(1.0, abs=1e-3)  # the story itself comes first
+    search = ("search", "--ckpt", tiny_ckpt, "--index", tmp_path / "index.npz", "--query", pairs[7]["story"], "-k", 3)
+    run_retrieve(*search)
+    lines = capsys.readouterr().out.splitlines()
+    hits = [re.fullmatch(r" *(\d+)\. ([-\d.]+)  #(\d+)  (.*)", line).groups() for line in lines]
+    assert [rank for rank, *_ in hits] == ["1", "2", "3"]
+    rank, score, story_id, shown = hits[0]  # the story itself comes first, as one line of its start
+    assert float(score) == pytest.approx(1.0, abs=1e-3) and story_id == "7"
+    assert shown == " ".join(pairs[7]["story"].split())[:100]
+    run_retrieve(*search, "--full")
+    assert pairs[7]["story"] in capsys.readouterr().out
 
 
 def test_retrieval_bad_inputs(tiny_ckpt, tmp_path, capsys):

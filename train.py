@@ -8,7 +8,10 @@ Train a masked mixer, transformer or hybrid on tokens from data_prep.py, nanoGPT
 
 Each eval prints and appends to out_dir/log.csv: step, tokens seen, train/val loss, tokens/s, MFU,
 peak memory. out_dir/ckpt.pt (model, optimizer, step, RNG states, data meta) is written atomically
-when val loss improves, at the end, and on Ctrl-C.
+when val loss improves, at the end, and on Ctrl-C; --keep_every N also keeps ckpt_stepN.pt snapshots.
+
+--layout packed (nanoGPT) trains on windows that start anywhere in the token stream; --layout stories
+(the paper) starts every row at a story's first token and pads after the story's end, no loss there.
 """
 import argparse
 import contextlib
@@ -18,7 +21,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cli import HelpFormatter, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run, unit_interval
 from mixer import ARCHS, Config, Model
 
 LOG_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"]
@@ -34,8 +37,8 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
               "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
 
 
-class TrainError(Exception):
-    """Bad input or a failed run: reported as one line and exit code 2."""
+class TrainError(UserError):
+    """Bad training input, an unreadable checkpoint, or a run that diverged."""
 
 
 def peak_flops(device):
@@ -47,7 +50,13 @@ def peak_flops(device):
 
 def pick_device(requested):
     if requested != "auto":
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise TrainError(f"--device {requested!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"--device {requested}: this machine has no CUDA GPU (use --device cpu or auto)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -66,7 +75,21 @@ def autocast(device, dtype):
 
 # ---------------------------------------------------------------------------------------- data
 
-def load_data(data_dir):
+@dataclasses.dataclass
+class Split:
+    """One split's tokens and, for --layout stories, where each story starts (None: packed)."""
+    tokens: np.ndarray
+    eot: int
+    starts: np.ndarray = None
+
+
+def story_starts(tokens, eot):
+    """Index of every story's first token: 0 and each position after an <|endoftext|>."""
+    after_eot = np.flatnonzero(tokens == eot) + 1
+    return np.concatenate([[0], after_eot[after_eot < len(tokens)]])
+
+
+def load_data(data_dir, layout="packed"):
     data_dir = Path(data_dir)
     if not (data_dir / "meta.json").exists():
         raise TrainError(f"no prepared data in {data_dir} (meta.json missing): run python data_prep.py "
@@ -79,58 +102,94 @@ def load_data(data_dir):
         if not path.exists() or path.stat().st_size != expected:
             raise TrainError(f"{path} is missing or not {expected} bytes as meta.json says: "
                              "re-run data_prep.py with --force")
-        splits[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r")
+        splits[split] = Split(tokens, meta["eot_token"], story_starts(tokens, meta["eot_token"]) if layout == "stories" else None)
     return splits, meta
 
 
-def get_batch(tokens, block_size, batch_size, rng, device):
-    """Random contiguous windows of block_size + 1 tokens: inputs and next-token targets [B, T]."""
-    if len(tokens) <= block_size:
-        raise TrainError(f"a split has only {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
-    windows = torch.from_numpy(np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64))
-    x, y = windows[:, :-1], windows[:, 1:]
+def get_batch(split, block_size, batch_size, rng, device):
+    """Inputs and next-token targets [B, T] from rows of block_size + 1 tokens.
+
+    packed: each row is a random window anywhere in the token stream (nanoGPT).
+    stories: each row starts at a random story's first token, so position t always means "t tokens
+    into a story", which is what the mixer's position-specific weights assume (the paper's layout).
+    After the story's <|endoftext|> the row is padding: the end token itself is a target (the model
+    learns to end stories), everything after it has target -1 (no loss) and <|endoftext|> as input.
+    """
+    if split.starts is None:
+        if len(split.tokens) <= block_size:
+            raise TrainError(f"a split has only {len(split.tokens)} tokens, fewer than block_size + 1 = {block_size + 1}")
+        starts = rng.integers(0, len(split.tokens) - block_size, size=batch_size)
+    else:
+        starts = split.starts[rng.integers(0, len(split.starts), size=batch_size)]
+    rows = np.full((batch_size, block_size + 1), split.eot, dtype=np.int64)
+    for row, start in zip(rows, starts):
+        window = split.tokens[start : start + block_size + 1]  # shorter at the end of the file
+        row[: len(window)] = window
+    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:].copy())
+    if split.starts is not None:
+        is_end = x == split.eot  # [B, T]; the first one is the story's end
+        end = torch.where(is_end.any(1), is_end.int().argmax(1), block_size).unsqueeze(1)  # [B, 1]
+        position = torch.arange(block_size)  # [T]
+        x[position > end] = split.eot
+        y[position >= end] = -1
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 
+def padding_fraction(split, block_size, rng, rows=1024):
+    """Share of target positions that are padding (no loss) under this split's layout."""
+    _, y = get_batch(split, block_size, rows, rng, torch.device("cpu"))
+    return (y == -1).float().mean().item()
+
+
 # ---------------------------------------------------------------------------------------- training
 
-def lr_at(progress, step, args):
-    """Linear warmup over warmup_iters steps, then decay to min_lr over the rest of the budget."""
+def lr_at(progress, step, warmup_end, args):
+    """Linear warmup over warmup_iters steps, then decay from the peak to min_lr over the rest of the budget.
+
+    progress is the fraction of the budget used (steps or minutes, see train()); warmup_end is the
+    progress when warmup ended. The decay runs from warmup_end to 1, so it starts exactly at the peak
+    even when warmup took a sizeable share of a time budget, and ends at min_lr when the budget does.
+    """
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
     min_lr = args.lr * args.min_lr_ratio
+    decay = min(max((progress - warmup_end) / (1 - warmup_end), 0.0), 1.0) if warmup_end < 1 else 1.0
     if args.lr_schedule == "cosine":
-        return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * decay))
     if args.lr_schedule == "linear":
-        return args.lr - (args.lr - min_lr) * min(progress, 1.0)
+        return args.lr - (args.lr - min_lr) * decay
     return args.lr
 
 
 @torch.no_grad()
 def evaluate(model, splits, args, device, ctx):
-    """Mean loss on the same eval_iters windows of each split every time (a fixed seed): evals are
-    comparable across steps, runs and resumes."""
+    """Mean loss on the same eval_iters batches of each split every time (a fixed seed, the training
+    layout): evals are comparable across steps, runs and resumes."""
     model.eval()
     losses = {}
-    for split, tokens in splits.items():
+    for name, split in splits.items():
         rng = np.random.default_rng(args.seed + 1)
         total = 0.0
         for _ in range(args.eval_iters):
-            x, y = get_batch(tokens, model.config.block_size, args.batch_size, rng, device)
+            x, y = get_batch(split, model.config.block_size, args.batch_size, rng, device)
             with ctx:
                 total += model(x, y)[1].item()
-        losses[split] = total / args.eval_iters
+        losses[name] = total / args.eval_iters
     model.train()
     return losses
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: path is never half-written."""
+    """torch.save to path.tmp, flush it to disk, then rename it over path. A crash or kill at any
+    moment leaves either the old file or the new one at path, never a partial one."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -147,14 +206,41 @@ def save_checkpoint(path, model, optimizer, state):
                  "config": dataclasses.asdict(model.config), **state}, path)
 
 
+def load_checkpoint(path, needs=("model", "config", "data_meta"), device="cpu"):
+    """The dict saved in a checkpoint file. The one reader of every .pt this project writes: any
+    failure to read one becomes a TrainError that names the file and says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"checkpoint not found: {path} (train one with python train.py)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise TrainError(f"{path} is not a readable checkpoint ({reason}). It is truncated or corrupt; train.py "
+                         "never leaves a half-written one (it writes a temp file and renames it), so it was damaged "
+                         "later: use another copy or a ckpt_stepN.pt snapshot, or retrain") from None
+    missing = [key for key in needs if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise TrainError(f"{path} is not a checkpoint of the expected kind (no {', '.join(missing)}): "
+                         "give a file written by the script that makes it")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The Model a checkpoint dict describes, with its weights."""
+    try:
+        model = Model(Config(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TrainError(f"{path} does not match this version of mixer.py ({str(e).splitlines()[0][:120]}): "
+                         "use the code it was trained with, or retrain") from None
+    return model
+
+
 def load_model(ckpt_path, device="cpu"):
     """A trained Model from a checkpoint (eval mode), with the data meta it was trained on."""
-    if not Path(ckpt_path).is_file():
-        raise TrainError(f"checkpoint not found: {ckpt_path} (train one with python train.py)")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-    model = Model(Config(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["data_meta"]
+    ckpt = load_checkpoint(ckpt_path)
+    return model_from_checkpoint(ckpt, ckpt_path).to(device).eval(), ckpt["data_meta"]
 
 
 def resolve_config(args, meta, ckpt):
@@ -162,7 +248,10 @@ def resolve_config(args, meta, ckpt):
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)  # padded: faster matmuls, ids beyond are never used
     if ckpt is None:
-        return Config(**{**flags, "vocab_size": vocab_size})
+        try:
+            return Config(**{**flags, "vocab_size": vocab_size})
+        except ValueError as e:
+            raise TrainError(f"invalid model settings: {e}") from None
     if ckpt["data_meta"]["vocab_size"] != meta["vocab_size"]:
         raise TrainError(f"checkpoint was trained on a {ckpt['data_meta']['vocab_size']}-token vocabulary but "
                          f"--data_dir has {meta['vocab_size']}: use data prepared with the same --vocab_size")
@@ -202,19 +291,49 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def train(args):
-    rank, world, device = setup_distributed(args)
-    master = rank == 0
+def open_run(args):
+    """(out_dir, checkpoint dict or None, layout) for a new run or a --resume, with every check that
+    can fail before any work starts."""
     out_dir = Path(args.out_dir or f"out-{args.arch or 'mixer'}")
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
-    splits, meta = load_data(args.data_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainError(f"--out_dir {out_dir} is a file, not a folder: choose another --out_dir")
+    ckpt_path = out_dir / "ckpt.pt"
     ckpt = None
     if args.resume:
         if not ckpt_path.exists():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path, needs=("model", "config", "data_meta", "optimizer", "step", "rng"))
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out_dir")
+    # The layout decides what every position means to the model: a resume keeps the checkpoint's.
+    saved_layout = (ckpt["train_args"].get("layout") or "packed") if ckpt else None
+    if args.layout and saved_layout and args.layout != saved_layout:
+        raise TrainError(f"{ckpt_path} was trained with --layout {saved_layout}: drop the flag to resume, "
+                         "or train into a new --out_dir")
+    return out_dir, ckpt, args.layout or saved_layout or "packed"
+
+
+def restore(ckpt, model, optimizer, rng, rank, world, device):
+    """Load a checkpoint's weights, optimizer and this rank's RNG states, so training replays exactly."""
+    if len(ckpt["rng"]) != world:
+        raise TrainError(f"the checkpoint was written by {len(ckpt['rng'])} processes: resume with "
+                         "the same number (torchrun --nproc_per_node) to replay the same batches")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    saved = ckpt["rng"][rank]
+    rng.bit_generator.state = saved["numpy"]
+    torch.set_rng_state(saved["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda"], device)
+
+
+def train(args):
+    """Train until the step or time budget runs out (or Ctrl-C). Returns a summary dict."""
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    out_dir, ckpt, layout = open_run(args)
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
+    splits, meta = load_data(args.data_dir, layout)
     config = resolve_config(args, meta, ckpt)
 
     # Per-rank seeds: each DDP rank draws its own windows and dropout masks (DDP copies rank 0's
@@ -223,19 +342,10 @@ def train(args):
     model = Model(config).to(device)
     optimizer = make_optimizer(model, args, device)
     rng = np.random.default_rng(args.seed + rank)  # training windows
-    step, best_val, elapsed = 0, float("inf"), 0.0
+    step, best_val, elapsed, warmup_end = 0, float("inf"), 0.0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val, elapsed = ckpt["step"], ckpt["best_val"], ckpt["elapsed"]
-        if len(ckpt["rng"]) != world:
-            raise TrainError(f"{ckpt_path} was written by {len(ckpt['rng'])} processes: resume with "
-                             "the same number (torchrun --nproc_per_node) to replay the same batches")
-        saved = ckpt["rng"][rank]
-        rng.bit_generator.state = saved["numpy"]
-        torch.set_rng_state(saved["torch"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda"], device)
+        restore(ckpt, model, optimizer, rng, rank, world, device)
+        step, best_val, elapsed, warmup_end = ckpt["step"], ckpt["best_val"], ckpt["elapsed"], ckpt.get("warmup_end")
     ctx, dtype = autocast(device, args.dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     raw_model = model
@@ -248,7 +358,11 @@ def train(args):
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"{config.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
-              f"device {device}, {dtype}" + (f", resuming at step {step}" if ckpt else ""))
+              f"device {device}, {dtype}, layout {layout}" + (f", resuming at step {step}" if ckpt else ""))
+        if layout == "stories":
+            pad = padding_fraction(splits["train"], config.block_size, np.random.default_rng(0))
+            print(f"stories layout: {len(splits['train'].starts):,} train stories; {pad:.0%} of the positions "
+                  f"are padding after a story's end at block_size {config.block_size}")
         start_log(log_path, keep_before=step if ckpt else 0)
 
     def state():  # what a checkpoint needs besides model and optimizer: every rank's RNG states
@@ -258,8 +372,8 @@ def train(args):
         if world > 1:
             rng_states = [None] * world
             dist.all_gather_object(rng_states, rng_state)
-        return {"step": step, "best_val": best_val, "elapsed": elapsed, "data_meta": meta,
-                "train_args": vars(args), "rng": rng_states}
+        return {"step": step, "best_val": best_val, "elapsed": elapsed, "warmup_end": warmup_end,
+                "data_meta": meta, "train_args": {**vars(args), "layout": layout}, "rng": rng_states}
 
     def progress():  # fraction of the budget (steps or minutes, whichever runs out first) used
         minutes = (elapsed + time.time() - window_start) / 60
@@ -271,11 +385,19 @@ def train(args):
     peak, window_start, window_steps, last_log = peak_flops(device), time.time(), 0, time.time()
     with StopFlag() as stop:
         while True:
+            if warmup_end is None and step >= args.warmup_iters:
+                warmup_end = progress()
             finished = progress() >= 1.0 or stop.set
             if world > 1:  # every rank must agree to stop, or the others would wait forever
                 flag = torch.tensor(float(finished), device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 finished = bool(flag.item())
+            if args.keep_every and step % args.keep_every == 0:
+                paused = time.time()
+                st = state()
+                if master:
+                    save_checkpoint(out_dir / f"ckpt_step{step}.pt", raw_model, optimizer, st)
+                window_start += time.time() - paused  # saving is not training time
             if step % args.eval_interval == 0 or finished:
                 if device.type == "cuda":
                     torch.cuda.synchronize()  # the window's steps are done: time them
@@ -288,14 +410,14 @@ def train(args):
                 improved, best_val = losses["val"] < best_val, min(best_val, losses["val"])
                 st = state()
                 if master:
-                    log_eval(log_path, step, step * tokens_per_step, losses, lr_at(progress(), step, args),
+                    log_eval(log_path, step, step * tokens_per_step, losses, lr_at(progress(), step, warmup_end, args),
                              tokens_per_s, raw_model, peak, device, elapsed)
                     if improved or finished:
                         save_checkpoint(ckpt_path, raw_model, optimizer, st)
                 window_start, window_steps = time.time(), 0
             if finished:
                 break
-            lr = lr_at(progress(), step, args)
+            lr = lr_at(progress(), step, warmup_end, args)
             loss = train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world)
             step, window_steps = step + 1, window_steps + 1
             if step % args.log_interval == 0:
@@ -311,6 +433,7 @@ def train(args):
               + (" (continue with --resume)" if stop.set else ""))
     if world > 1:
         dist.destroy_process_group()
+    return {"out_dir": out_dir, "step": step, "best_val": best_val, "interrupted": stop.set}
 
 
 def train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world):
@@ -369,30 +492,34 @@ def log_eval(path, step, tokens, losses, lr, tokens_per_s, model, peak, device, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", choices=ARCHS, help="default mixer")
-    p.add_argument("--data_dir", default="data/tinystories")
+    p.add_argument("--data_dir", default="data/tinystories", help="a folder written by data_prep.py")
     p.add_argument("--out_dir", help="default: out-ARCH")
-    model = p.add_argument_group("model (mixer.Config; defaults there; taken from the checkpoint on --resume)")
+    p.add_argument("--layout", choices=["packed", "stories"],
+                   help="packed: windows anywhere in the token stream (nanoGPT; the default); stories: each row "
+                        "starts at a story's first token, padded after its end (the paper). Kept on --resume")
+    model = p.add_argument_group("model (mixer.Config checks the values; taken from the checkpoint on --resume)")
     for field in dataclasses.fields(Config):
         if field.name not in ("arch", "vocab_size", "causal"):  # --arch is above; the vocab comes from the data
             kind = (lambda s: s.lower() in ("1", "true", "yes")) if field.type is bool else field.type
             model.add_argument(f"--{field.name}", type=kind, help=f"default {field.default}")
     t = p.add_argument_group("training")
-    t.add_argument("--batch_size", type=int, default=16)
-    t.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the paper's 5e-4, for every arch)")
-    t.add_argument("--min_lr_ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
+    t.add_argument("--batch_size", type=positive_int, default=16, help="sequences per micro-batch (per GPU)")
+    t.add_argument("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--lr", type=positive_float, default=5e-4, help="peak learning rate (the paper's mixer value, for every arch)")
+    t.add_argument("--min_lr_ratio", type=unit_interval, default=0.1, help="final lr as a fraction of --lr")
     t.add_argument("--lr_schedule", choices=["cosine", "linear", "constant"], default="cosine")
-    t.add_argument("--warmup_iters", type=int, default=200)
-    t.add_argument("--max_iters", type=int, default=5000)
-    t.add_argument("--max_minutes", type=float, help="also stop at this much training time; the lr schedule "
-                                                     "then runs over whichever budget ends first")
-    t.add_argument("--weight_decay", type=float, default=0.1)
-    t.add_argument("--grad_clip", type=float, default=1.0, help="0 disables")
-    t.add_argument("--eval_interval", type=int, default=250)
-    t.add_argument("--eval_iters", type=int, default=50)
-    t.add_argument("--log_interval", type=int, default=10)
+    t.add_argument("--warmup_iters", type=nonneg_int, default=200, help="steps of linear warmup")
+    t.add_argument("--max_iters", type=positive_int, default=5000, help="step budget")
+    t.add_argument("--max_minutes", type=positive_float, help="time budget (training time, evals excluded); the lr "
+                                                               "schedule runs over whichever budget ends first")
+    t.add_argument("--weight_decay", type=nonneg_float, default=0.1)
+    t.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max gradient norm; 0 disables")
+    t.add_argument("--eval_interval", type=positive_int, default=250, help="steps between evals (and checkpoints)")
+    t.add_argument("--eval_iters", type=positive_int, default=50, help="batches per eval")
+    t.add_argument("--log_interval", type=positive_int, default=10, help="steps between loss lines")
+    t.add_argument("--keep_every", type=positive_int, help="also keep ckpt_stepN.pt every N steps (step 0 included)")
     t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -402,11 +529,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    try:
-        train(parse_args(argv))
-    except TrainError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run("train.py", train, parse_args(argv))
 
 
 if __name__ == "__main__":
