@@ -33,6 +33,7 @@ class Config:
     dropout: float = 0.0
     bias: bool = False          # biases in Linear layers (the per-position mixing bias is always on)
     causal: bool = True         # False: unmasked, bidirectional mixing (retrieve.py's retrieval mixer)
+    attn_impl: str = "sdpa"     # "sdpa": fused kernel; "eager": materialised [T, T] softmax (the paper's baseline)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -42,6 +43,8 @@ class Config:
                 raise ValueError(f"{count} must be at least 1, not {getattr(self, count)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.attn_impl not in ("sdpa", "eager"):
+            raise ValueError(f"unknown attn_impl {self.attn_impl!r}: choose sdpa or eager")
         if not self.causal and self.arch != "mixer":
             raise ValueError("causal=False (bidirectional mixing) is only defined for arch 'mixer'")
         for heads in ("n_head", "mixer_heads"):
@@ -63,27 +66,56 @@ def append_to_cache(cache, key, new):
     return cache[key]
 
 
+class MaskedMatmul(torch.autograd.Function):
+    """y = mask(W) @ v for W [h, T, S] and v [B, h, S, dh], where mask keeps the lower triangle
+    (entries with column <= row + diagonal) or, for bidirectional mixing, everything.
+
+    Written out because autograd would save the masked copy of W for the matmul's backward (and
+    broadcasting over the batch may copy it again): [T, T]-sized activations in every layer, the
+    largest ones at long contexts. Here the backward keeps only W (a parameter, stored anyway) and
+    v, and masks again: grad_W = mask(grad_y^T v summed over the batch), grad_v = mask(W)^T grad_y.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, v, diagonal, causal):
+        ctx.save_for_backward(weight, v)
+        ctx.diagonal, ctx.causal = diagonal, causal
+        return torch.einsum("hts,bhsd->bhtd", masked(weight, diagonal, causal), v)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, v = ctx.saved_tensors
+        w = masked(weight, ctx.diagonal, ctx.causal).to(grad_y.dtype)  # compute in the forward's (autocast) dtype
+        grad_v = torch.einsum("hts,bhtd->bhsd", w, grad_y)
+        grad_w = masked(torch.einsum("bhtd,bhsd->hts", grad_y, v.to(grad_y.dtype)), ctx.diagonal, ctx.causal)
+        return grad_w.to(weight.dtype), grad_v.to(v.dtype), None, None
+
+
+def masked(w, diagonal, causal):
+    """The causal mask: zero every entry above the diagonal (shifted by `diagonal`)."""
+    return w.tril(diagonal) if causal else w
+
+
 class MaskedMixing(nn.Module):
     """y_i = sum_{j <= i} W[i, j] x_j + b_i, per head, over the token axis.
 
-    W is a learned [T, T] matrix per head (T = block_size). A registered lower-triangular mask is
-    multiplied in on every forward, so masked entries never influence the output and get exactly
-    zero gradient. No positional encoding is needed: W[i, j] is specific to positions i and j.
-    Inputs shorter than T use the top-left [t, t] corner, which is exact because of the mask.
+    W is a learned [T, T] matrix per head (T = block_size). The causal mask (keep the lower
+    triangle) is applied on every forward and again on every backward (MaskedMatmul), so masked
+    entries never influence the output and get exactly zero gradient. No positional encoding is
+    needed: W[i, j] is specific to positions i and j. Inputs shorter than T use the top-left [t, t]
+    corner, which is exact because of the mask.
     """
 
     def __init__(self, config):
         super().__init__()
         T, h = config.block_size, config.mixer_heads
-        self.n_head = h
+        self.n_head, self.causal = h, config.causal
         # heads > 1: each head sees its own projection of x (one Linear, split into heads) and the
         # concatenated heads are projected back. One head is the paper's flat mixer: no projections.
         self.proj_in = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
         self.proj_out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
         self.weight = nn.Parameter(torch.empty(h, T, T))
         self.bias = nn.Parameter(torch.zeros(h, T, 1))  # one bias per head and output position
-        mask = torch.tril(torch.ones(T, T)) if config.causal else torch.ones(T, T)
-        self.register_buffer("mask", mask, persistent=False)
         # Init W = identity: each position starts by passing its own state through, so the network
         # begins as a per-token model and learns how much of the past to mix in. Measured on the
         # shared TinyStories slice (d64, 2 layers, T64, 150 steps): identity reached val loss 3.69,
@@ -97,9 +129,9 @@ class MaskedMixing(nn.Module):
         v = self.proj_in(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, h, T, dh]
         t0 = cached_length(cache, self)  # positions computed before this call
         v = append_to_cache(cache, self, v)  # [B, h, t0 + T, dh]
-        rows = slice(t0, t0 + T)  # the output positions computed now
-        w = self.weight[:, rows, : t0 + T] * self.mask[rows, : t0 + T]  # [h, T, t0 + T]
-        y = w @ v + self.bias[:, rows]  # [B, h, T, dh]
+        # rows t0 .. t0 + T - 1 of W see columns 0 .. t0 + T - 1; row t0 + i keeps columns <= t0 + i
+        w = self.weight[:, t0 : t0 + T, : t0 + T]  # [h, T, t0 + T]
+        y = MaskedMatmul.apply(w, v, t0, self.causal) + self.bias[:, t0 : t0 + T]  # [B, h, T, dh]
         return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -118,11 +150,11 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    """Llama-style causal self-attention: RoPE positions, no biases, fused SDPA kernel."""
+    """Llama-style causal self-attention: RoPE positions, no biases, fused SDPA kernel (or eager)."""
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.dropout = config.n_head, config.dropout
+        self.n_head, self.dropout, self.attn_impl = config.n_head, config.dropout, config.attn_impl
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.proj_out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
@@ -137,12 +169,29 @@ class Attention(nn.Module):
         q, k = apply_rope(q, self.cos[pos], self.sin[pos]), apply_rope(k, self.cos[pos], self.sin[pos])
         k = append_to_cache(cache, (self, "k"), k)
         v = append_to_cache(cache, (self, "v"), v)
-        # is_causal masks top-left aligned, which is right for a prefill (t0 == 0); a cached decode
-        # step adds one query that may see every key, so it needs no mask.
+        # A causal mask aligned top-left is right for a prefill (t0 == 0); a cached decode step adds
+        # one query that may see every key, so it needs no mask.
         assert t0 == 0 or T == 1, "cached attention extends one token at a time"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=t0 == 0,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if self.attn_impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t0 == 0, dropout_p=dropout)
+        else:
+            y = eager_attention(q, k, v, causal=t0 == 0, dropout=dropout)
         return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
+
+
+def eager_attention(q, k, v, causal, dropout):
+    """softmax(q k^T / sqrt(dh)) v with the [B, h, T, S] attention matrix materialised (and kept for
+    backward), as the paper's transformer did (Hugging Face's "eager" attention): the baseline of
+    its memory comparison. The fused SDPA kernel gives the same result without storing that matrix."""
+    T, S = q.size(-2), k.size(-2)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # [B, h, T, S]
+    if causal:
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    attn = scores.softmax(dim=-1)
+    if dropout:
+        attn = F.dropout(attn, dropout)
+    return attn @ v  # [B, h, T, dh]
 
 
 class AttentionThenMixing(nn.Module):
