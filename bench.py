@@ -1,25 +1,39 @@
 """
-Measured speed of the three architectures: training throughput, MFU, peak memory, generation.
+Measured speed and memory of the three architectures: training throughput, MFU, generation, and
+the memory a training step needs.
 
     python bench.py --arch all                          # training step table + generation table
     python bench.py --arch mixer --compile              # one arch, torch.compile'd
     python bench.py --arch all --sweep_block_size 128,256,512,1024,2048   # context-length sweep
+    python bench.py --memory --arch all --sweep_block_size 512,1024,2048,4096   # memory, the paper's B1 setting
 
-Defaults: a paper-scale model on CUDA (d1024, 8 layers, T512, bf16), a small one on the CPU.
+Speed defaults: a paper-scale model on CUDA (d1024, 8 layers, T512, bf16), a small one on the CPU.
 Each timing is the median of --steps steps after --warmup untimed ones. Prints markdown tables.
+
+--memory counts bytes instead of timing (defaults: d1024, 8 layers, batch 1, as in the paper): the
+activations autograd saves for backward (saved_tensors_hooks; each storage once; parameters and
+buffers excluded), parameters, their gradients and AdamW's two moments. These are exact and the
+same on any device for the same dtype; on CUDA the allocator's peak over a full step is shown too.
+Attention archs are measured with both attention kernels: sdpa (fused, what you get) and eager (a
+materialised [T, T] softmax, what the paper's transformer used).
 """
 import argparse
 import dataclasses
+import itertools
+import json
 import statistics
 import time
 
 import torch
 
+from cli import HelpFormatter, UserError, positive_int, run
 from mixer import ARCHS, Config, Model
 from train import autocast, peak_flops, pick_device
 
 GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
+MEMORY_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=1)
+MB = 2**20
 
 
 def sync(device):
@@ -82,6 +96,79 @@ def bench_generate(config, context, args, device):
     return speed[True], speed[False], torch.equal(tokens[True], tokens[False])
 
 
+def training_memory(config, args, device):
+    """MB a training step holds, by kind. Activations are counted while the forward runs: every
+    tensor autograd saves for backward, each storage once, except parameters and buffers (those are
+    held anyway and counted on their own)."""
+    torch.manual_seed(0)
+    model = Model(config).to(device)
+    held = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    saved = {}  # storage address -> bytes
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size + 1), device=device)
+    ctx, _ = autocast(device, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), ctx:
+        _, loss = model(x[:, :-1], x[:, 1:])
+    cuda_peak = None
+    if device.type == "cuda":  # the allocator's view of a whole step: forward, backward, AdamW
+        loss.backward()
+        torch.optim.AdamW(model.parameters(), fused=True).step()
+        cuda_peak = torch.cuda.max_memory_allocated(device) / MB
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / MB
+    mb = {"param_mb": params, "grad_mb": params, "optimizer_mb": 2 * params,  # AdamW: exp_avg, exp_avg_sq
+          "buffer_mb": sum(b.numel() * b.element_size() for b in model.buffers()) / MB,
+          "activation_mb": sum(saved.values()) / MB}
+    return {**mb, "total_mb": sum(mb.values()), "cuda_peak_mb": cuda_peak}
+
+
+def memory_rows(base, archs, block_sizes, args, device):
+    """(config, MB) for every arch at every block size; attention archs with both kernels."""
+    configs = [dataclasses.replace(base, arch=arch, block_size=T, attn_impl=impl) for T in block_sizes for arch in archs
+               for impl in (("sdpa", "eager") if arch != "mixer" else ("sdpa",))]
+    for config in configs:
+        yield config, training_memory(config, args, device)
+
+
+def print_memory_table(rows, as_json):
+    print("| arch | attention | T | params | grads + AdamW | activations | buffers | total | CUDA peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for config, m in rows:
+        attention = "-" if config.arch == "mixer" else config.attn_impl
+        print(f"| {config.arch} | {attention} | {config.block_size} | {m['param_mb']:,.1f} | "
+              f"{m['grad_mb'] + m['optimizer_mb']:,.1f} | {m['activation_mb']:,.1f} | {m['buffer_mb']:,.1f} | "
+              f"{m['total_mb']:,.1f} | {fmt(m['cuda_peak_mb'], ',.0f')} |", flush=True)
+        results.append({"arch": config.arch, "attn_impl": None if config.arch == "mixer" else config.attn_impl,
+                        "block_size": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer, **m})
+    print("(MB; grads + AdamW = 3 x params: one gradient and two AdamW moments per parameter)\n")
+    print_memory_ratios(results)
+    if as_json:
+        for r in results:
+            print(json.dumps(r))
+
+
+def print_memory_ratios(results):
+    """How many times the mixer's memory each transformer needs, per context length."""
+    mixer = {r["block_size"]: r for r in results if r["arch"] == "mixer"}
+    others = [r for r in results if r["arch"] == "transformer" and r["block_size"] in mixer]
+    if not others:
+        return
+    print("| T | transformer kernel | activations / mixer's | total / mixer's |\n|---|---|---|---|")
+    for r in others:
+        m = mixer[r["block_size"]]
+        print(f"| {r['block_size']} | {r['attn_impl']} | {r['activation_mb'] / m['activation_mb']:.2f}x | "
+              f"{r['total_mb'] / m['total_mb']:.2f}x |")
+    print()
+
+
 def matched_width(config, target_params):
     """The n_embd (a multiple of 64 that all heads divide) whose model has the non-embedding
     parameter count closest to target_params."""
@@ -105,33 +192,54 @@ def print_train_table(rows):
     print()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
-    p.add_argument("--n_embd", type=int)
-    p.add_argument("--n_layer", type=int)
-    p.add_argument("--block_size", type=int)
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--mixer_heads", type=int, default=1)
-    p.add_argument("--vocab_size", type=int, default=8192)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, threads)")
+    p.add_argument("--memory", action="store_true", help="count training memory instead of timing")
+    p.add_argument("--json", action="store_true", help="--memory: also one JSON object per row")
+    p.add_argument("--n_embd", type=positive_int, help="default: by device and mode, see above")
+    p.add_argument("--n_layer", type=positive_int)
+    p.add_argument("--block_size", type=positive_int)
+    p.add_argument("--batch_size", type=positive_int)
+    p.add_argument("--n_head", type=positive_int, default=4)
+    p.add_argument("--mixer_heads", type=positive_int, default=1)
+    p.add_argument("--vocab_size", type=positive_int, default=8192)
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first (compilation, allocator, threads)")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--gen_lengths", default="128,512", help="context lengths for the generation benchmark ('' skips)")
-    p.add_argument("--sweep_block_size", help="comma-separated block sizes: training tokens/s and memory per arch")
+    p.add_argument("--sweep_block_size", help="comma-separated block sizes: training tokens/s (or memory) per arch")
     args = p.parse_args(argv)
+    try:
+        args.sweep = [int(t) for t in args.sweep_block_size.split(",")] if args.sweep_block_size else []
+        args.gen = [int(t) for t in args.gen_lengths.split(",")] if args.gen_lengths else []
+    except ValueError:
+        p.error("--sweep_block_size and --gen_lengths take comma-separated integers, e.g. 512,1024")
+    if any(t < 1 for t in args.sweep + args.gen):
+        p.error("block sizes and generation lengths must be positive")
+    return args
+
+
+def bench(args):
     device = pick_device(args.device)
-    sizes = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    sizes = MEMORY_DEFAULTS if args.memory else GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     for name, value in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     archs = ARCHS if args.arch == "all" else (args.arch,)
-    base = Config(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                  n_embd=args.n_embd, n_head=args.n_head, mixer_heads=args.mixer_heads)
+    try:
+        base = Config(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                      n_embd=args.n_embd, n_head=args.n_head, mixer_heads=args.mixer_heads)
+    except ValueError as e:
+        raise UserError(f"invalid model settings: {e}") from None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    if args.memory:
+        print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, d{args.n_embd}, {args.n_layer} layers, "
+              f"batch {args.batch_size}, vocab {args.vocab_size}\n")
+        print_memory_table(memory_rows(base, archs, args.sweep or [args.block_size], args, device), args.json)
+        return
     print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, compile {args.compile}, "
           f"batch {args.batch_size}, median of {args.steps} steps after {args.warmup} warm-up\n")
 
@@ -144,20 +252,23 @@ def main(argv=None):
         matched = [dataclasses.replace(base, arch=a, n_embd=matched_width(dataclasses.replace(base, arch=a), target))
                    for a in archs]
         print_train_table([(c, bench_train(c, args, device)) for c in matched])
-    if args.sweep_block_size:
+    if args.sweep:
         print("Context-length sweep:")
-        sweep = [dataclasses.replace(base, arch=a, block_size=int(t)) for t in args.sweep_block_size.split(",")
-                 for a in archs]
+        sweep = [dataclasses.replace(base, arch=a, block_size=t) for t in args.sweep for a in archs]
         print_train_table([(c, bench_train(c, args, device)) for c in sweep])
-    if args.gen_lengths:
+    if args.gen:
         print("Generation (greedy, batch 1, from a prompt of half the context):")
         print("| arch | context | cached tokens/s | recomputed tokens/s | speed-up | same tokens |")
         print("|---|---|---|---|---|---|")
         for arch in archs:
-            for length in map(int, args.gen_lengths.split(",")):
+            for length in args.gen:
                 config = dataclasses.replace(base, arch=arch, block_size=max(length, base.block_size))
                 cached, full, same = bench_generate(config, length, args, device)
                 print(f"| {arch} | {length} | {cached:,.0f} | {full:,.0f} | {cached / full:.1f}x | {same} |")
+
+
+def main(argv=None):
+    run("bench.py", bench, parse_args(argv))
 
 
 if __name__ == "__main__":
