@@ -1,15 +1,22 @@
 """
-TinyStories -> GPT-2 BPE tokens (tiktoken) -> uint16 train.bin / val.bin, nanoGPT layout.
+TinyStories -> GPT-2 BPE tokens (tiktoken) -> uint16 train.bin / val.bin, nanoGPT layout, plus
+summary/story pairs for retrieval.
 
-    python data_prep.py                                   # download TinyStoriesV2-GPT4, tokenize
+    python data_prep.py                                   # download TinyStories_all_data.tar.gz, tokenize
     python data_prep.py --max_stories 100000              # a quick start: the first 100k stories
     python data_prep.py --input my_stories.txt.gz         # offline / own data (val split taken from it)
     python data_prep.py --vocab_size 4096                 # GPT-2 BPE cut to its first 4095 merges + EOT
 
+The download is TinyStories_all_data.tar.gz (1.61 GB): about 5M stories written by GPT-3.5 and GPT-4,
+each as a JSON record with the story and, for most, a one-paragraph summary. One file gives both the
+language-model text and the retrieval pairs (TinyStoriesV2-GPT4, 2.2 GB, has no summaries). A stable
+hash of each story puts --val_fraction of them in the val split.
+
 Writes to --out_dir: train.bin, val.bin (uint16 token ids, one <|endoftext|> after every story),
 meta.json (the encoding, counts, sources), and pairs_train.jsonl / pairs_val.jsonl ({"summary",
-"story"}) when the input has summaries. Every output is written to a temp file and renamed, and
-meta.json is written last: a folder with a meta.json is complete.
+"story"}, the first --max_pairs / --max_val_pairs stories of each split that have a summary). A pair
+follows its story's split, so no val story is ever in pairs_train. Every output is written to a temp
+file and renamed, and meta.json is written last: a folder with a meta.json is complete.
 """
 import argparse
 import gzip
@@ -19,6 +26,7 @@ import json
 import lzma
 import os
 import re
+import tarfile
 import time
 import zlib
 from pathlib import Path
@@ -28,10 +36,10 @@ from urllib.request import Request, urlopen
 import numpy as np
 import tiktoken
 
-from cli import HelpFormatter, Progress, UserError, fraction, positive_int, run
+from cli import HelpFormatter, Progress, UserError, fraction, nonneg_int, positive_int, run
 
 HF_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
-DOWNLOADS = {"train": "TinyStoriesV2-GPT4-train.txt", "val": "TinyStoriesV2-GPT4-valid.txt"}
+DOWNLOAD = "TinyStories_all_data.tar.gz"  # data00.json .. data49.json, each a list of records
 EOT = "<|endoftext|>"
 STORIES_PER_CHUNK = 2048  # the unit of parallel tokenization; bounds memory
 
@@ -159,10 +167,25 @@ def read_json(path):
         objects = enumerate(data if isinstance(data, list) else [data], 1)
     where = "line" if ".jsonl" in path.suffixes else "record"
     for n, obj in objects:
-        story = obj.get("story", obj.get("text")) if isinstance(obj, dict) else None
-        if not isinstance(story, str):
-            raise DataError(f"{path}: {where} {n} has no \"story\" or \"text\" string field")
-        yield story, obj.get("summary")
+        yield story_and_summary(obj, f"{path}: {where} {n}")
+
+
+def read_tar(path):
+    """A .tar.gz of .json members (TinyStories_all_data.tar.gz), streamed one member at a time."""
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                data = json.loads(decode(tar.extractfile(member).read(), Path(member.name), 0))
+                for n, obj in enumerate(data if isinstance(data, list) else [data], 1):
+                    yield story_and_summary(obj, f"{path} member {member.name} record {n}")
+
+
+def story_and_summary(obj, where):
+    story = obj.get("story", obj.get("text")) if isinstance(obj, dict) else None
+    if not isinstance(story, str):
+        raise DataError(f"{where} has no \"story\" or \"text\" string field")
+    summary = obj.get("summary")
+    return story, summary if isinstance(summary, str) else None
 
 
 def read_stories(paths, max_stories=None):
@@ -170,13 +193,14 @@ def read_stories(paths, max_stories=None):
     def generate():
         for path in paths:
             found = 0
-            reader = read_json if {".json", ".jsonl"} & set(path.suffixes) else read_text
+            reader = read_tar if ".tar" in path.suffixes else \
+                read_json if {".json", ".jsonl"} & set(path.suffixes) else read_text
             try:
                 for story, summary in reader(path):
                     if story.strip():
                         found += 1
                         yield story.strip(), summary.strip() if summary else None
-            except (json.JSONDecodeError, EOFError, OSError, lzma.LZMAError) as e:
+            except (json.JSONDecodeError, EOFError, OSError, lzma.LZMAError, tarfile.TarError, zlib.error) as e:
                 raise DataError(f"{path}: cannot be read as {reader.__name__[5:]} ({e})") from None
             if not found:
                 raise DataError(f"{path}: no stories found (expected stories separated by {EOT} lines, "
@@ -226,12 +250,19 @@ class AtomicWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-class Split:
-    """One output split: its token shard, its pairs file, and its counts."""
+def middle_sentence(story):
+    """The proxy query of --proxy_pairs: the story's middle sentence (None if it has fewer than 3)."""
+    sentences = re.split(r"(?<=[.!?])\s+", story)
+    return sentences[len(sentences) // 2] if len(sentences) >= 3 else None
 
-    def __init__(self, out_dir, name):
+
+class Split:
+    """One output split: its token shard, its pairs file (at most max_pairs lines), and its counts."""
+
+    def __init__(self, out_dir, name, max_pairs):
         self.shard = AtomicWriter(out_dir / f"{name}.bin")
         self.pairs = AtomicWriter(out_dir / f"pairs_{name}.jsonl", "w")
+        self.max_pairs = max_pairs
         self.stories = self.tokens = self.n_pairs = 0
 
     def add(self, stories, token_lists, eot):
@@ -240,7 +271,7 @@ class Split:
         self.stories += len(token_lists)
         self.tokens += ids.size
         for story, summary in stories:
-            if summary:
+            if summary and self.n_pairs < self.max_pairs:
                 self.pairs.file.write(json.dumps({"summary": summary, "story": story}) + "\n")
                 self.n_pairs += 1
 
@@ -270,8 +301,10 @@ def tokenize(stories, splits, enc, num_proc):
                   f"{elapsed:.1f}s ({n_tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
 
 
-def labelled(stories, split):
+def labelled(stories, split, proxy_pairs):
     for story, summary in stories:
+        if proxy_pairs and not summary:
+            summary = middle_sentence(story)
         yield story, summary, split(story) if callable(split) else split
 
 
@@ -290,12 +323,12 @@ def prepare(args):
         if args.val_input:
             raise DataError("--val_input needs --input")
         check_folder(args.download_dir, "--download_dir")
-        train_paths = [download(HF_URL + DOWNLOADS["train"], Path(args.download_dir) / DOWNLOADS["train"])]
-        val_paths = [download(HF_URL + DOWNLOADS["val"], Path(args.download_dir) / DOWNLOADS["val"])]
+        train_paths, val_paths = [download(HF_URL + DOWNLOAD, Path(args.download_dir) / DOWNLOAD)], []
     enc = load_encoding({"encoding": "gpt2", "vocab_size": args.vocab_size or 50257})
 
     settings = {"vocab_size": enc.n_vocab, "val_fraction": None if val_paths else args.val_fraction,
-                "max_stories": args.max_stories,
+                "max_stories": args.max_stories, "max_pairs": [args.max_pairs, args.max_val_pairs],
+                "proxy_pairs": args.proxy_pairs,
                 "inputs": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in train_paths + val_paths]}
     meta_path = out_dir / "meta.json"
     if meta_path.exists() and not args.force and json.loads(meta_path.read_text()).get("settings") == settings:
@@ -305,12 +338,12 @@ def prepare(args):
     meta_path.unlink(missing_ok=True)  # an interrupted run must not leave new shards beside an old meta
 
     if val_paths:
-        stories = itertools.chain(labelled(read_stories(train_paths, args.max_stories), "train"),
-                                  labelled(read_stories(val_paths, args.max_stories), "val"))
+        stories = itertools.chain(labelled(read_stories(train_paths, args.max_stories), "train", args.proxy_pairs),
+                                  labelled(read_stories(val_paths, args.max_stories), "val", args.proxy_pairs))
     else:
         stories = labelled(read_stories(train_paths, args.max_stories),
-                           lambda story: "val" if is_val(story, args.val_fraction) else "train")
-    splits = {name: Split(out_dir, name) for name in ("train", "val")}
+                           lambda story: "val" if is_val(story, args.val_fraction) else "train", args.proxy_pairs)
+    splits = {"train": Split(out_dir, "train", args.max_pairs), "val": Split(out_dir, "val", args.max_val_pairs)}
     try:
         tokenize(stories, splits, enc, args.num_proc)
         for name, split in splits.items():
@@ -328,6 +361,8 @@ def prepare(args):
             "tokens": {n: s.tokens for n, s in splits.items()},
             "stories": {n: s.stories for n, s in splits.items()},
             "pairs": {n: s.n_pairs for n, s in splits.items()},
+            "pairs_query": "middle sentence (--proxy_pairs) where a story has no summary" if args.proxy_pairs
+                           else "summary",
             "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)}
                         for p in train_paths + val_paths],
             "settings": settings}
@@ -347,6 +382,11 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=fraction, default=0.02, help="share of stories held out for val when there is no val input")
     p.add_argument("--max_stories", type=positive_int, help="use only the first N stories of the train (and of the val) input")
     p.add_argument("--vocab_size", type=positive_int, help="cut GPT-2's BPE to this many tokens (e.g. 4096, as in the paper)")
+    p.add_argument("--max_pairs", type=nonneg_int, default=200_000, help="summary/story pairs kept for pairs_train.jsonl")
+    p.add_argument("--max_val_pairs", type=nonneg_int, default=10_000, help="pairs kept for pairs_val.jsonl")
+    p.add_argument("--proxy_pairs", action="store_true",
+                   help="stories without a summary get their middle sentence as the query: a stand-in retrieval "
+                        "task for text that has no summaries (the shared sample, your own stories)")
     p.add_argument("--out_dir", default="data/tinystories")
     p.add_argument("--download_dir", default="data/download", help="where downloads are kept (and resumed)")
     p.add_argument("--num_proc", type=positive_int, default=os.cpu_count(), help="tokenizer threads")
