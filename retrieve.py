@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import HelpFormatter, Progress, UserError, positive_float, positive_int, run
-from data_prep import load_encoding, read_stories
+from data_prep import check_inputs, load_encoding, read_stories
 from mixer import Block, Config
 from train import atomic_save, load_checkpoint, load_model, pick_device
 
@@ -64,10 +64,22 @@ def fingerprint(model):
     return hashlib.sha256(model.wte.weight.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def tokenize(texts, enc, block_size):
-    """Token ids per text, cut to the first block_size tokens; also how many were cut."""
-    ids = [enc.encode_ordinary(text) or [enc.eot_token] for text in texts]
-    return [t[:block_size] for t in ids], sum(len(t) > block_size for t in ids)
+def tokenize(texts, enc):
+    """Token ids of each text (an empty text becomes one <|endoftext|>)."""
+    return [enc.encode_ordinary(text) or [enc.eot_token] for text in texts]
+
+
+def windows(ids, block_size, long):
+    """The pieces of a token list that get embedded: the list itself when it fits the context; else
+    its first block_size tokens (long="first"), its last (long="last"), or every consecutive
+    block_size window (long="mean", pooled by embed_texts)."""
+    if len(ids) <= block_size:
+        return [ids]
+    if long == "first":
+        return [ids[:block_size]]
+    if long == "last":
+        return [ids[-block_size:]]
+    return [ids[i : i + block_size] for i in range(0, len(ids), block_size)]
 
 
 def padded(ids, device):
@@ -80,17 +92,41 @@ def padded(ids, device):
 
 
 @torch.no_grad()
-def embed_texts(model, ids, batch_size, device, label):
-    """[N, n_embd] float32 embeddings, batched by length (little padding), with a progress line."""
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = np.empty((len(ids), model.config.n_embd), dtype=np.float32)
+def embed_texts(model, ids, long, batch_size, device, label=None):
+    """[N, n_embd] float32 embeddings of token lists, batched by length (little padding), with a
+    progress line unless label is None. long="mean" embeds every window of a text (see windows) and
+    averages their unit-length embeddings; "first" and "last" embed one window."""
+    pieces = [(text, w) for text, t in enumerate(ids) for w in windows(t, model.config.block_size, long)]
+    longer = sum(len(t) > model.config.block_size for t in ids)
+    if longer and label:
+        print(f"{label}: {longer:,} of {len(ids):,} texts are longer than block_size {model.config.block_size}; "
+              f"--long {long}: " + {"first": "their first window is embedded", "last": "their last window is embedded",
+                                     "mean": f"{len(pieces):,} windows embedded and averaged"}[long])
+    order = sorted(range(len(pieces)), key=lambda i: len(pieces[i][1]))
+    out = np.empty((len(pieces), model.config.n_embd), dtype=np.float32)
     start, progress = time.time(), Progress()
-    for first in range(0, len(ids), batch_size):
+    for first in range(0, len(pieces), batch_size):
         rows = order[first : first + batch_size]
-        out[rows] = model.embed(*padded([ids[i] for i in rows], device)).float().cpu().numpy()
-        progress.update(f"{label}: {first + len(rows):,}/{len(ids):,} ({time.time() - start:.0f}s)")
-    progress.done(f"{label}: {len(ids):,} in {time.time() - start:.1f}s")
-    return out
+        out[rows] = model.embed(*padded([pieces[i][1] for i in rows], device)).float().cpu().numpy()
+        if label:
+            progress.update(f"{label}: {first + len(rows):,}/{len(pieces):,} ({time.time() - start:.0f}s)")
+    if label:
+        progress.done(f"{label}: {len(ids):,} texts in {time.time() - start:.1f}s")
+    if long != "mean":
+        return out
+    owner = np.array([text for text, _ in pieces])
+    pooled = np.zeros((len(ids), out.shape[1]), dtype=np.float32)
+    np.add.at(pooled, owner, out / np.linalg.norm(out, axis=1, keepdims=True))
+    return pooled / np.bincount(owner, minlength=len(ids))[:, None]
+
+
+def flat(ids):
+    """Token lists as one array and offsets (an .npz holds no ragged arrays)."""
+    return np.concatenate([np.asarray(t, dtype=np.int64) for t in ids]), np.cumsum([0] + [len(t) for t in ids])
+
+
+def unflat(tokens, offsets):
+    return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
 def load(ckpt, device):
@@ -104,12 +140,10 @@ def cmd_embed(args):
     pairs = read_pairs(args.pairs)
     arrays = {}
     for field in ("summary", "story"):
-        ids, cut = tokenize([p[field] for p in pairs], enc, model.config.block_size)
-        if cut:
-            print(f"{cut:,} of {len(ids):,} {field} texts are longer than block_size {model.config.block_size}: "
-                  "embedded from their first block_size tokens")
-        arrays[field] = embed_texts(model, ids, args.batch_size, device, f"embedding {field} texts")
-    save_npz(args.out, **arrays, fingerprint=fingerprint(model))
+        ids = tokenize([p[field] for p in pairs], enc)
+        arrays[field] = embed_texts(model, ids, args.long, args.batch_size, device, f"embedding {field} texts")
+        arrays[f"{field}_ids"], arrays[f"{field}_offsets"] = flat(ids)  # whole texts, for eval --bm25
+    save_npz(args.out, **arrays, long=args.long, fingerprint=fingerprint(model))
     print(f"wrote {args.out}: {len(pairs):,} pairs, {model.config.n_embd}-dim")
 
 
@@ -170,26 +204,78 @@ def mixer_scores(model, summaries, stories, cands, chunk=256):
                       for i in range(0, len(summaries), chunk)])
 
 
+def bm25_scores(query_ids, story_ids, cands, k1=1.2, b=0.75, chunk=256):
+    """Okapi BM25 of each query's candidate stories [Q, N]: word overlap weighted by rarity, on the
+    same tokens the models read. The stories of the file are the corpus (document frequencies)."""
+    n_docs, vocab = len(story_ids), 1 + max(int(t.max()) for t in story_ids + query_ids)
+    doc = torch.from_numpy(np.repeat(np.arange(n_docs), [len(t) for t in story_ids]))
+    term = torch.from_numpy(np.concatenate(story_ids))
+    tf = torch.sparse_coo_tensor(torch.stack([doc, term]), torch.ones(len(term)), (n_docs, vocab),
+                                 check_invariants=True).coalesce()
+    (doc, term), count = tf.indices(), tf.values()  # one entry per (story, token): how often it occurs
+    df = torch.bincount(term, minlength=vocab).float()  # stories that contain each token
+    idf = torch.log((n_docs - df + 0.5) / (df + 0.5) + 1)
+    length = torch.tensor([len(t) for t in story_ids], dtype=torch.float)
+    weight = idf[term] * count * (k1 + 1) / (count + k1 * (1 - b + b * length[doc] / length.mean()))
+    story_weights = torch.sparse_coo_tensor(torch.stack([doc, term]), weight, (n_docs, vocab),
+                                            check_invariants=True)  # [D, V]
+    scores = []
+    for i in range(0, len(query_ids), chunk):
+        queries = torch.zeros(min(chunk, len(query_ids) - i), vocab)  # [c, V]: each query's token counts
+        for row, ids in enumerate(query_ids[i : i + chunk]):
+            queries[row].index_add_(0, torch.from_numpy(ids), torch.ones(len(ids)))
+        all_stories = torch.sparse.mm(story_weights, queries.T).T  # [c, D]
+        scores.append(all_stories.gather(1, cands[i : i + chunk]))
+    return torch.cat(scores)
+
+
 def candidate_counts(n_pairs):
     """32, 64, ... up to the number of held-out pairs (the paper: 32 .. 8192)."""
     counts = [n for n in (2**k for k in range(5, 30)) if n <= n_pairs]
     return counts or [n_pairs]
 
 
+def scorers(args, arrays):
+    """(name, candidate counts, scores(cands)) for each row of the eval table."""
+    summaries, stories = torch.from_numpy(arrays["summary"]), torch.from_numpy(arrays["story"])
+    counts = candidate_counts(len(stories))
+    if args.model:
+        model = load_retrieval_model(args.model, summaries.size(1))
+        if model.candidates > len(stories):
+            raise RetrievalError(f"the retrieval model compares {model.candidates} candidates but {args.emb} has only "
+                                 f"{len(stories)} pairs")
+        yield f"retrieval mixer {args.model}", [model.candidates], lambda c: mixer_scores(model, summaries, stories, c)
+    else:
+        yield f"cosine, {args.emb}", counts, lambda c: cosine_scores(summaries, stories, c)
+    if args.bm25:
+        query_ids, story_ids = unflat(arrays["summary_ids"], arrays["summary_offsets"]), \
+            unflat(arrays["story_ids"], arrays["story_offsets"])
+        yield "BM25 (word overlap, same tokens)", counts, lambda c: bm25_scores(query_ids, story_ids, c)
+
+
 def cmd_eval(args):
-    summaries, stories = load_embeddings(args.emb)
-    model = load_retrieval_model(args.model, summaries.size(1)) if args.model else None
-    counts = [model.candidates] if model else candidate_counts(len(stories))
-    if model and model.candidates > len(stories):
-        raise RetrievalError(f"the retrieval model compares {model.candidates} candidates but {args.emb} has only "
-                             f"{len(stories)} pairs")
-    print(f"{len(stories):,} held-out pairs, scored by {'the retrieval mixer ' + args.model if model else 'cosine'}")
-    print("| N | top-1 | top-5 | MRR |\n|---|---|---|---|")
-    for n in counts:
-        cands, true_col = candidate_sets(len(stories), n, args.seed)
-        scores = mixer_scores(model, summaries, stories, cands) if model else cosine_scores(summaries, stories, cands)
-        m = rank_metrics(scores, true_col)
-        print(f"| {n} | {m['top1']:.1%} | {m['top5']:.1%} | {m['mrr']:.3f} |")
+    needs = ("summary", "story") + (("summary_ids", "summary_offsets", "story_ids", "story_offsets") if args.bm25 else ())
+    arrays = read_npz(args.emb, needs, "retrieve.py embed")
+    rows = list(scorers(args, arrays))
+    counts = candidate_counts(len(arrays["story"]))
+    print(f"{len(arrays['story']):,} held-out pairs; top-1 (top-5) of the true story among N candidates, "
+          "chance 1/N")
+    print("| scorer | " + " | ".join(f"N = {n}" for n in counts) + " |\n|---|" + "---|" * len(counts))
+    results = []
+    for name, scored_counts, score in rows:
+        cells = []
+        for n in counts:
+            if n not in scored_counts:
+                cells.append("-")
+                continue
+            cands, true_col = candidate_sets(len(arrays["story"]), n, args.seed)
+            m = rank_metrics(score(cands), true_col)
+            cells.append(f"{m['top1']:.1%} ({m['top5']:.1%})")
+            results.append({"scorer": name, "n": n, **m})
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
 
 
 # ---------------------------------------------------------------------------------------- retrieval mixer (v1)
@@ -264,8 +350,10 @@ def train_infonce(args):
     pairs = read_pairs(args.pairs)
     if len(pairs) < args.group:
         raise RetrievalError(f"{len(pairs)} pairs: need at least --group {args.group}")
-    summaries, _ = tokenize([p["summary"] for p in pairs], enc, model.config.block_size)
-    stories, _ = tokenize([p["story"] for p in pairs], enc, model.config.block_size)
+    # trained on each text's first window (see windows() for how eval embeds longer ones)
+    T = model.config.block_size
+    summaries = [t[:T] for t in tokenize([p["summary"] for p in pairs], enc)]
+    stories = [t[:T] for t in tokenize([p["story"] for p in pairs], enc)]
     torch.manual_seed(args.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
@@ -316,11 +404,8 @@ def save_npz(path, **arrays):
 def cmd_index(args):
     device = pick_device(args.device)
     model, enc = load(args.ckpt, device)
-    stories = [story for story, _ in read_stories([Path(p) for p in args.stories])]
-    ids, cut = tokenize(stories, enc, model.config.block_size)
-    if cut:
-        print(f"{cut:,} of {len(ids):,} stories are longer than block_size: embedded from their first tokens")
-    emb = embed_texts(model, ids, args.batch_size, device, "indexing stories")
+    stories = [story for story, _ in read_stories(check_inputs(args.stories))]
+    emb = embed_texts(model, tokenize(stories, enc), args.long, args.batch_size, device, "indexing stories")
     # the texts as one UTF-8 blob and offsets: compact for 100k+ stories (a numpy string array pads
     # every story to the longest one, 4 bytes a character)
     encoded = [story.encode() for story in stories]
@@ -339,9 +424,8 @@ def cmd_search(args):
     if str(index["fingerprint"]) != fingerprint(model):
         raise RetrievalError(f"{args.index} was built with another checkpoint than {args.ckpt}: "
                              "checkpoint mismatch (rebuild it with retrieve.py index --ckpt ...)")
-    ids, _ = tokenize([args.query], enc, model.config.block_size)
-    query = model.embed(*padded(ids, device)).float().cpu()  # [1, d]
-    scores = F.cosine_similarity(query, torch.from_numpy(index["embeddings"]))  # [N]
+    query = embed_texts(model, tokenize([args.query], enc), args.long, 1, device)  # [1, d]
+    scores = F.cosine_similarity(torch.from_numpy(query), torch.from_numpy(index["embeddings"]))  # [N]
     top = scores.topk(min(args.k, len(scores)))
     text, offsets = index["text"], index["offsets"]
     for rank, (score, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
@@ -357,6 +441,8 @@ def parse_args(argv=None):
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     common.add_argument("--batch_size", type=positive_int, default=32, help="texts per batch")
     common.add_argument("--seed", type=int, default=1337, help="for candidate sets and training")
+    common.add_argument("--long", choices=["first", "last", "mean"], default="mean",
+                        help="texts longer than the context: embed the first window, the last, or the mean of all")
 
     def command(name, help):
         return sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=HelpFormatter)
@@ -381,9 +467,11 @@ def parse_args(argv=None):
     t.add_argument("--group", type=positive_int, default=32, help="infonce: pairs per group (in-batch negatives)")
     t.add_argument("--temperature", type=positive_float, default=0.02, help="infonce: as in the author's code")
 
-    v = command("eval", "top-1/top-5/MRR of held-out summaries among N candidates")
+    v = command("eval", "top-1 and top-5 of held-out summaries among N candidates, N = 32, 64, ...")
     v.add_argument("--emb", required=True, help="embeddings of held-out pairs")
     v.add_argument("--model", help="a retrieval mixer from train --method mixer (default: cosine similarity)")
+    v.add_argument("--bm25", action="store_true", help="add a row: BM25 word overlap on the same candidate sets")
+    v.add_argument("--json", action="store_true", help="also one JSON object per scorer and N (top1, top5, mrr)")
 
     i = command("index", "embed stories once for search")
     i.add_argument("--ckpt", required=True, help="a checkpoint from train.py")
