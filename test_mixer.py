@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import mixer
 from mixer import ARCHS, Config, MaskedMixing, Model
 
 HERE = Path(__file__).resolve().parent
@@ -20,6 +22,7 @@ VARIANTS = {
     "mixer": dict(arch="mixer"),
     "mixer-2head": dict(arch="mixer", mixer_heads=2),
     "transformer": dict(arch="transformer"),
+    "transformer-eager": dict(arch="transformer", attn_impl="eager"),
     "hybrid": dict(arch="hybrid", mixer_heads=2),
 }
 
@@ -73,6 +76,32 @@ def test_masked_weights_get_exactly_zero_gradient(variant):
         above = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)
         assert torch.count_nonzero(m.weight.grad[:, above]) == 0
         assert torch.count_nonzero(m.weight.grad[:, ~above]) > 0.9 * (~above).sum() * m.weight.size(0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("diagonal", [0, 3])
+def test_masked_matmul_matches_autograd_through_an_explicit_mask(causal, diagonal):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 5, 5 + diagonal, dtype=torch.double, generator=g, requires_grad=True)
+    v = torch.randn(3, 2, 5 + diagonal, 4, dtype=torch.double, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, v: mixer.MaskedMatmul.apply(w, v, diagonal, causal), (w, v))
+    mask = torch.ones(5, 5 + diagonal, dtype=torch.double).tril(diagonal) if causal else 1.0
+    grad_y = torch.randn(3, 2, 5, 4, dtype=torch.double, generator=g)
+    ours = torch.autograd.grad(mixer.MaskedMatmul.apply(w, v, diagonal, causal), (w, v), grad_y)
+    plain = torch.autograd.grad((w * mask) @ v, (w, v), grad_y)
+    assert all(torch.allclose(a, b) for a, b in zip(ours, plain))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "hybrid"])
+def test_eager_attention_equals_sdpa(arch):
+    sdpa, eager = tiny_model(arch), tiny_model(arch, attn_impl="eager")  # same seed: same weights
+    idx = torch.randint(0, 256, (2, 16))
+    sdpa.train(), eager.train()
+    (ls, loss_s), (le, loss_e) = sdpa(idx, idx), eager(idx, idx)
+    loss_s.backward(), loss_e.backward()
+    assert torch.allclose(ls, le, atol=1e-5)
+    for (name, a), b in zip(sdpa.named_parameters(), eager.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -295,26 +324,88 @@ def test_pairs_split_keeps_each_story_on_one_side(tmp_path):
     assert not {p["story"] for p in train} & {p["story"] for p in val}
 
 
-def test_bad_inputs_give_one_clear_line(tmp_path, capsys, monkeypatch):
-    out = ("--out_dir", tmp_path / "out")
-    assert "not found: " in cli_error(capsys, prep, "--input", tmp_path / "missing.txt", *out)
-    (tmp_path / "empty.txt").write_text("")
-    assert "empty" in cli_error(capsys, prep, "--input", tmp_path / "empty.txt", *out)
-    (tmp_path / "none.txt").write_text("<|endoftext|>\n\n<|endoftext|>\n")
-    assert "no stories found" in cli_error(capsys, prep, "--input", tmp_path / "none.txt", *out)
-    good = b"A fine story.\n<|endoftext|>\nBad "
-    (tmp_path / "bad.txt").write_bytes(good + b"\xff byte\n")
-    assert f"byte offset {len(good)}" in cli_error(capsys, prep, "--input", tmp_path / "bad.txt", *out)
-    (tmp_path / "bad.jsonl").write_text('{"title": "no story"}\n')
-    assert "line 1 has no \"story\"" in cli_error(capsys, prep, "--input", tmp_path / "bad.jsonl", *out)
-    (tmp_path / "ok.txt").write_text(official_txt(STORIES))
-    assert "uint16" in cli_error(capsys, prep, "--input", tmp_path / "ok.txt", "--vocab_size", 70000, *out)
-    # a failure after tokenizing has started leaves nothing that looks like output
-    assert "none.txt: no stories" in cli_error(capsys, prep, "--input", tmp_path / "ok.txt", tmp_path / "none.txt", *out)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+def test_offline_download_says_to_pass_local_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data_prep, "HF_URL", "http://127.0.0.1:9/")  # nothing listens: as if offline
-    assert "--input" in cli_error(capsys, prep, "--download_dir", tmp_path / "dl", *out)
+    assert "--input" in cli_error(capsys, prep, "--download_dir", tmp_path / "dl", "--out_dir", tmp_path / "out")
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def all_data_record(story, summary):
+    """A record in the layout of TinyStories_all_data.tar.gz's data*.json (summary None: no such key)."""
+    record = {"story": story, "instruction": {"prompt:": "Write a short story (3-5 paragraphs) which only uses very "
+              "simple words...", "words": ["cat", "ball", "happy"], "features": ["Dialogue"]},
+              "source": "GPT-4"}
+    if summary is not None:
+        record["summary"] = summary
+    return record
+
+
+def all_data_tarball(records_per_member):
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for n, records in enumerate(records_per_member):
+            payload = json.dumps(records, indent=2).encode()
+            info = tarfile.TarInfo(f"data{n:02d}.json")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+def serve(files):
+    """A loopback HTTP server for {name: bytes}; returns (base URL, list of requested paths, stop)."""
+    requested = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requested.append(self.path)
+            payload = files[self.path.lstrip("/")]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}/", requested, server.shutdown
+
+
+def test_default_download_gives_tokens_and_disjoint_pairs(tmp_path, monkeypatch, gpt2):
+    stories = [f"Story {i}: the {ANIMALS[i % 16]} found a ball. It was happy. Then it went home." for i in range(400)]
+    records = [all_data_record(story, None if i % 5 == 0 else f"A {ANIMALS[i % 16]} finds ball {i}.")
+               for i, story in enumerate(stories)]  # every fifth record has no summary
+    url, requested, stop = serve({"TinyStories_all_data.tar.gz": all_data_tarball([records[:250], records[250:]])})
+    monkeypatch.setattr(data_prep, "HF_URL", url)
+    try:
+        prep("--out_dir", tmp_path / "out", "--download_dir", tmp_path / "dl", "--val_fraction", 0.25,
+             "--max_pairs", 200, "--max_val_pairs", 40)
+    finally:
+        stop()
+    assert requested == ["/TinyStories_all_data.tar.gz"]  # one download for tokens and pairs
+    out = tmp_path / "out"
+    train_text, val_text = decoded_stories(out, "train", gpt2), decoded_stories(out, "val", gpt2)
+    assert sorted(train_text + val_text) == sorted(stories)
+    pairs = {split: [json.loads(line) for line in (out / f"pairs_{split}.jsonl").read_text().splitlines()]
+             for split in ("train", "val")}
+    assert len(pairs["train"]) == 200 and len(pairs["val"]) == 40  # the caps
+    summary_of = {r["story"]: r.get("summary") for r in records}
+    for split, text in (("train", train_text), ("val", val_text)):
+        assert all(p["story"] in set(text) and p["summary"] == summary_of[p["story"]] for p in pairs[split])
+    assert not {p["story"] for p in pairs["train"]} & set(val_text)  # no LM-val story in pairs_train
+    assert json.loads((out / "meta.json").read_text())["pairs"] == {"train": 200, "val": 40}
+
+
+def test_proxy_pairs_use_the_middle_sentence(tmp_path):
+    stories = ["A cat sat. It saw a dog! They played.\nThe end.", "Two sentences. Only two."]
+    (tmp_path / "in.txt").write_text(official_txt(stories))
+    prep("--input", tmp_path / "in.txt", "--val_input", tmp_path / "in.txt", "--out_dir", tmp_path, "--proxy_pairs")
+    pairs = [json.loads(line) for line in (tmp_path / "pairs_train.jsonl").read_text().splitlines()]
+    assert pairs == [{"summary": "They played.", "story": stories[0]}]  # fewer than 3 sentences: no pair
+    assert "middle sentence" in json.loads((tmp_path / "meta.json").read_text())["pairs_query"]
 
 
 def test_download_resumes_a_partial_file(tmp_path):
@@ -348,6 +439,7 @@ def test_download_resumes_a_partial_file(tmp_path):
 
 import csv  # noqa: E402
 import signal  # noqa: E402
+import time  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -486,25 +578,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path, c
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_training_bad_inputs(prepared, tmp_path, capsys):
-    assert "run python data_prep.py" in cli_error(capsys, run_train, "--data_dir", tmp_path / "nothing")
-    out = ["--out_dir", tmp_path / "run"]
-    run_train("--data_dir", prepared, *out, *TINY_RUN, "--max_iters", 2, "--eval_interval", 2)
-    assert "pass --resume" in cli_error(capsys, run_train, "--data_dir", prepared, *out)
-    assert "block_size=64 but --block_size 32" in cli_error(capsys, run_train, "--data_dir", prepared, *out, "--resume",
-                                                               "--block_size", 32)
-    assert "arch=mixer but --arch hybrid" in cli_error(capsys, run_train, "--data_dir", prepared, *out, "--resume",
-                                                          "--arch", "hybrid")
-    other = tmp_path / "other_vocab"
-    prep("--input", SAMPLE_TEXT, "--out_dir", other, "--vocab_size", 1024, "--max_stories", 300)
-    assert "4096-token vocabulary" in cli_error(capsys, run_train, "--data_dir", other, *out, "--resume")
-    (prepared / "val.bin").rename(tmp_path / "val.bin")
-    try:
-        assert "re-run data_prep.py" in cli_error(capsys, run_train, "--data_dir", prepared, "--out_dir", tmp_path / "x")
-    finally:
-        (tmp_path / "val.bin").rename(prepared / "val.bin")
-
-
 def test_ddp_under_torchrun_on_cpu(prepared, tmp_path, capsys):
     """Two gloo processes: gradients all-reduced, rank 0 logs and saves; a resume needs both again."""
     args = [str(a) for a in ["--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 40,
@@ -547,6 +620,33 @@ def test_bench_smoke(capsys):
     assert [same for _, same in gen_rows] == ["True"] * 3
 
 
+def test_memory_json_rows_and_what_they_count(capsys):
+    bench.main(["--memory", "--arch", "all", "--n_embd", "32", "--n_layer", "1", "--vocab_size", "256",
+                "--sweep_block_size", "32,128", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["arch"], r["attn_impl"], r["block_size"]) for r in rows] == [
+        (arch, impl, T) for T in (32, 128) for arch, impl in
+        [("mixer", None), ("transformer", "sdpa"), ("transformer", "eager"), ("hybrid", "sdpa"), ("hybrid", "eager")]]
+    for r in rows:
+        model = Model(Config(arch=r["arch"], vocab_size=256, block_size=r["block_size"], n_layer=1, n_embd=32))
+        assert r["param_mb"] == pytest.approx(model.num_params() * 4 / 2**20)
+        assert r["grad_mb"] == r["param_mb"] and r["optimizer_mb"] == 2 * r["param_mb"]
+        assert r["activation_mb"] > 0 and r["cuda_peak_mb"] is None
+
+
+def activation_mb(arch, T, **kw):
+    config = Config(arch=arch, vocab_size=256, block_size=T, n_layer=2, n_embd=32, **kw)
+    args = argparse.Namespace(batch_size=1, dtype="float32")
+    return bench.training_memory(config, args, torch.device("cpu"))["activation_mb"]
+
+
+def test_mixer_activations_grow_linearly_with_context():
+    """The masked mixing must not keep [T, T]-sized copies for backward: 4x the context, at most about
+    4x the activations. The eager transformer keeps its [T, T] attention and grows faster."""
+    assert activation_mb("mixer", 512) < 4.2 * activation_mb("mixer", 128)
+    assert activation_mb("transformer", 512, attn_impl="eager") > 6 * activation_mb("transformer", 128, attn_impl="eager")
+
+
 # -------------------------------------------------------------------------------------- retrieve.py
 
 import retrieve  # noqa: E402
@@ -567,9 +667,45 @@ def test_eval_on_known_embeddings(tmp_path, capsys):
     stories = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     summaries = torch.cat([stories[:32], -stories[32:]])  # half exact (rank 0), half opposite (rank last)
     np.savez(tmp_path / "emb.npz", summary=summaries.numpy(), story=stories.numpy(), fingerprint="x")
-    run_retrieve("eval", "--emb", tmp_path / "emb.npz")
-    rows = dict(re.findall(r"^\| (\d+) \| (.*) \|$", capsys.readouterr().out, re.M))
-    assert rows == {"32": f"50.0% | 50.0% | {0.5 + 0.5 / 32:.3f}", "64": f"50.0% | 50.0% | {0.5 + 0.5 / 64:.3f}"}
+    run_retrieve("eval", "--emb", tmp_path / "emb.npz", "--json")
+    out = capsys.readouterr().out
+    assert re.search(r"^\| scorer \| N = 32 \| N = 64 \|$", out, re.M)
+    assert re.search(r"^\| cosine, .*emb.npz \| 50.0% \(50.0%\) \| 50.0% \(50.0%\) \|$", out, re.M)
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["mrr"] for r in results] == pytest.approx([0.5 + 0.5 / 32, 0.5 + 0.5 / 64])
+
+
+def test_bm25_by_hand():
+    # three stories over tokens 0..3; the query shares the rare token 3 with story 2 only
+    stories = [np.array([0, 1, 1]), np.array([0, 2]), np.array([0, 3, 1])]
+    query = [np.array([3, 0])]
+    scores = retrieve.bm25_scores(query, stories, torch.tensor([[0, 1, 2]]), k1=1.2, b=0.75)
+    idf = lambda df: np.log((3 - df + 0.5) / (df + 0.5) + 1)  # noqa: E731
+    avg = 8 / 3
+    term = lambda tf, length, df: idf(df) * tf * 2.2 / (tf + 1.2 * (0.25 + 0.75 * length / avg))  # noqa: E731
+    expected = [term(1, 3, 3), term(1, 2, 3), term(1, 3, 3) + term(1, 3, 1)]  # token 0 is in every story
+    assert scores[0].tolist() == pytest.approx(expected, rel=1e-5)
+    assert scores[0].argmax() == 2
+
+
+def test_windows_of_a_long_text():
+    ids = list(range(10))
+    assert retrieve.windows(ids, 4, "first") == [[0, 1, 2, 3]]
+    assert retrieve.windows(ids, 4, "last") == [[6, 7, 8, 9]]
+    assert retrieve.windows(ids, 4, "mean") == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert retrieve.windows(ids[:4], 4, "mean") == [[0, 1, 2, 3]]
+
+
+def test_mean_pooling_is_the_mean_of_unit_window_embeddings():
+    model = tiny_model("mixer")
+    long_text, short_text = list(range(40)), list(range(50, 60))
+    pooled = retrieve.embed_texts(model, [long_text, short_text], "mean", 8, torch.device("cpu"), "test")
+    with torch.no_grad():
+        windows = F.normalize(model.embed(torch.tensor([long_text[:16], long_text[16:32]])), dim=-1)
+        last = F.normalize(model.embed(torch.tensor([long_text[32:]])), dim=-1)
+        short = F.normalize(model.embed(torch.tensor([short_text])), dim=-1)
+    assert np.allclose(pooled[0], ((windows.sum(0) + last[0]) / 3).numpy(), atol=1e-5)
+    assert np.allclose(pooled[1], short[0].numpy(), atol=1e-5)
 
 
 def test_candidate_sets_hold_the_true_story_once():
@@ -640,8 +776,11 @@ def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, caps
     run_retrieve("embed", "--ckpt", tiny_ckpt, "--pairs", pairs_file, "--out", tmp_path / "emb.npz", "--batch_size", 8)
     summaries, stories = retrieve.load_embeddings(tmp_path / "emb.npz")
     assert summaries.shape == stories.shape == (40, 64)
-    run_retrieve("eval", "--emb", tmp_path / "emb.npz")
-    assert re.search(r"^\| 32 \| [\d.]+% \| [\d.]+% \| [\d.]+ \|$", capsys.readouterr().out, re.M)
+    run_retrieve("eval", "--emb", tmp_path / "emb.npz", "--bm25")
+    out = capsys.readouterr().out
+    assert re.search(r"^\| cosine, .* \| [\d.]+% \([\d.]+%\) \|$", out, re.M)
+    bm25 = re.search(r"^\| BM25 .* \| ([\d.]+)% \([\d.]+%\) \|$", out, re.M)
+    assert float(bm25.group(1)) > 50  # a summary that is the story's first sentence shares its words
     run_retrieve("index", "--ckpt", tiny_ckpt, "--stories", pairs_file, "--out", tmp_path / "index.npz")
     capsys.readouterr()
     search = ("search", "--ckpt", tiny_ckpt, "--index", tmp_path / "index.npz", "--query", pairs[7]["story"], "-k", 3)
@@ -656,26 +795,322 @@ def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, caps
     assert pairs[7]["story"] in capsys.readouterr().out
 
 
-def test_retrieval_bad_inputs(tiny_ckpt, tmp_path, capsys):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"summary": "x", "text": "y"}])
-    assert "line 1 needs string fields" in cli_error(capsys, run_retrieve, "embed", "--ckpt", tiny_ckpt, "--pairs", bad,
-                                                          "--out", tmp_path / "e.npz")
-    (tmp_path / "empty.jsonl").write_text("")
-    assert "empty file" in cli_error(capsys, run_retrieve, "embed", "--ckpt", tiny_ckpt, "--pairs", tmp_path / "empty.jsonl",
-                                          "--out", tmp_path / "e.npz")
-    assert "checkpoint not found" in cli_error(capsys, run_retrieve, "embed", "--ckpt", tmp_path / "no.pt", "--pairs", bad,
-                                                    "--out", tmp_path / "e.npz")
-    # an index built with one checkpoint, searched with another
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40, seed=0))
-    run_retrieve("index", "--ckpt", tiny_ckpt, "--stories", pairs, "--out", tmp_path / "index.npz")
-    run_retrieve("train", "--method", "infonce", "--ckpt", tiny_ckpt, "--pairs", pairs, "--out", tmp_path / "t.pt",
+# -------------------------------------------------------------------------------------- represent.py
+
+import represent  # noqa: E402
+
+
+def test_hamming_by_hand():
+    tokens = torch.tensor([[0, 1, 2]])
+    logits = torch.zeros(1, 3, 8)
+    logits[0, 0, 0] = 9.0  # position 0: the true token ranks first
+    logits[0, 1] = torch.tensor([7.0, 1.0, 6.0, 5.0, 4.0, 3.0, 2.0, 8.0])  # position 1: token 1 ranks 7th
+    logits[0, 2] = torch.tensor([5.0, 6.0, 4.0, 7.0, 8.0, 1.0, 0.0, 0.5])  # position 2: token 2 ranks 5th
+    assert represent.hamming(logits, tokens) == pytest.approx(1 / 3)
+    assert represent.hamming(logits, tokens, k=1) == pytest.approx(2 / 3)
+
+
+class Constant(torch.nn.Module):
+    """A block whose output ignores its input."""
+
+    def forward(self, x):
+        return torch.ones_like(x) + 0.0 * x
+
+
+@pytest.mark.parametrize("blocks, expect", [("identity", "exact"), ("untrained", "exact"), ("constant", "nothing")])
+def test_recovery_of_the_input(blocks, expect):
+    model = tiny_model("mixer", perturb=False, vocab_size=256, block_size=16, n_embd=32)
+    if blocks == "identity":
+        model.blocks = torch.nn.ModuleList([torch.nn.Identity()])
+    if blocks == "constant":
+        model.blocks = torch.nn.ModuleList([Constant()])
+    model.requires_grad_(False)
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    unit = model.wte.weight.std().item()
+    a, final, reference = represent.recover(model, tokens, layer=len(model.blocks), steps=300, seed=0, unit=unit)
+    metric = represent.hamming(represent.decode(a, model.wte.weight), tokens)
+    if expect == "exact":
+        assert metric == 0.0 and final < reference, f"{blocks}: Hamming {metric}, L1 {final} vs nudge {reference}"
+    else:  # nothing to follow: a stays noise, and 5 of 256 tokens are a chance hit
+        assert metric > 0.9
+
+
+def test_represent_command_line(capsys):
+    represent.main(["--init", "mixer", "transformer", "--n_layer", "2", "--n_embd", "32", "--block_size", "8",
+                    "--vocab_size", "256", "--n", "2", "--steps", "20", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["model"], r["arch"], r["steps"]) for r in rows] == [("untrained mixer", "mixer", 20),
+                                                                 ("untrained transformer", "transformer", 20)]
+    assert all(0.0 <= r["hamming"] <= 1.0 for r in rows)
+
+
+# ------------------------------------------------------------------ every entry point: bad inputs
+
+import compare  # noqa: E402
+import hashlib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Everything the bad-input rows point at: data, checkpoints, embeddings, an index, and broken
+    copies of each. Rows must leave every file here as it was."""
+    if not SAMPLE_TEXT.exists():
+        pytest.skip(f"real text not found at {SAMPLE_TEXT}")
+    ws = tmp_path_factory.mktemp("ws")
+    (ws / "ok.txt").write_text(official_txt(STORIES))
+    (ws / "empty.txt").write_text("")
+    (ws / "none.txt").write_text("<|endoftext|>\n\n<|endoftext|>\n")
+    (ws / "bad_utf8.txt").write_bytes(b"A fine story.\n<|endoftext|>\nBad \xff byte\n")
+    (ws / "bad.jsonl").write_text('{"title": "no story"}\n')
+    (ws / "afile").write_text("not a folder")
+    prep("--input", SAMPLE_TEXT, "--out_dir", ws / "data", "--vocab_size", 4096, "--max_stories", 400)
+    prep("--input", SAMPLE_TEXT, "--out_dir", ws / "data1024", "--vocab_size", 1024, "--max_stories", 100)
+    prep("--input", SAMPLE_TEXT, "--out_dir", ws / "no_val", "--vocab_size", 4096, "--max_stories", 100)
+    (ws / "no_val" / "val.bin").unlink()
+    run_train("--data_dir", ws / "data", "--out_dir", ws / "run", "--n_layer", 1, "--n_embd", 32, "--block_size", 32,
+              "--max_iters", 2, "--eval_interval", 2, "--eval_iters", 1, "--batch_size", 2)
+    ckpt = ws / "run" / "ckpt.pt"
+    (ws / "broken").mkdir()
+    (ws / "broken" / "ckpt.pt").write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a truncated copy
+    torch.save({"weights": torch.zeros(2)}, ws / "not_a_ckpt.pt")
+    pairs = write_jsonl(ws / "pairs.jsonl", synthetic_pairs(40, seed=0))
+    write_jsonl(ws / "bad_pairs.jsonl", [{"summary": "x", "text": "y"}])
+    (ws / "empty.jsonl").write_text("")
+    run_retrieve("embed", "--ckpt", ckpt, "--pairs", pairs, "--out", ws / "emb.npz")
+    run_retrieve("index", "--ckpt", ckpt, "--stories", pairs, "--out", ws / "index.npz")
+    (ws / "index_broken.npz").write_bytes((ws / "index.npz").read_bytes()[:500])
+    run_retrieve("train", "--method", "infonce", "--ckpt", ckpt, "--pairs", pairs, "--out", ws / "tuned.pt",
                  "--steps", 1, "--group", 8)
-    assert "checkpoint mismatch" in cli_error(capsys, run_retrieve, "search", "--ckpt", tmp_path / "t.pt", "--index",
-                                                   tmp_path / "index.npz", "--query", "a cat")
-    # a retrieval mixer trained on other-sized embeddings
-    np.savez(tmp_path / "e16.npz", summary=np.zeros((50, 16), np.float32), story=np.ones((50, 16), np.float32))
-    run_retrieve("train", "--method", "mixer", "--emb", tmp_path / "e16.npz", "--out", tmp_path / "r.pt", "--steps", 1,
+    np.savez(ws / "e16.npz", summary=np.zeros((50, 16), np.float32), story=np.ones((50, 16), np.float32))
+    run_retrieve("train", "--method", "mixer", "--emb", ws / "e16.npz", "--out", ws / "r16.pt", "--steps", 1,
                  "--candidates", 8)
-    np.savez(tmp_path / "e64.npz", summary=np.zeros((50, 64), np.float32), story=np.ones((50, 64), np.float32))
-    assert "checkpoint mismatch" in cli_error(capsys, run_retrieve, "eval", "--emb", tmp_path / "e64.npz", "--model",
-                                                   tmp_path / "r.pt")
+    return ws
+
+
+def run_main(module):
+    return lambda *argv: module.main([str(a) for a in argv])
+
+
+ENTRY_POINTS = {name: run_main(module) for name, module in
+                {"data_prep": data_prep, "train": train, "sample": sample, "retrieve": retrieve,
+                 "represent": represent, "compare": compare, "bench": bench}.items()}
+PREP = ("--out_dir", "{ws}/prep_out")
+TRAIN = ("--data_dir", "{ws}/data", "--out_dir", "{ws}/new_run")
+CKPT = "{ws}/run/ckpt.pt"
+# (entry point, command line, words the error must contain). {ws} is the workspace folder.
+BAD_INPUTS = [
+    ("data_prep", ["--input", "{ws}/missing.txt", *PREP], "input file not found"),
+    ("data_prep", ["--input", "{ws}/empty.txt", *PREP], "input file is empty"),
+    ("data_prep", ["--input", "{ws}/none.txt", *PREP], "no stories found"),
+    ("data_prep", ["--input", "{ws}/bad_utf8.txt", *PREP], "not UTF-8 at byte offset 32"),
+    ("data_prep", ["--input", "{ws}/bad.jsonl", *PREP], 'line 1 has no "story"'),
+    ("data_prep", ["--input", "{ws}/ok.txt", "{ws}/none.txt", "--out_dir", "{ws}/half"], "none.txt: no stories found"),
+    ("data_prep", ["--input", "{ws}/ok.txt", "--out_dir", "{ws}/afile"], "is a file, not a folder"),
+    ("data_prep", ["--input", "{ws}/ok.txt", "--vocab_size", "70000", *PREP], "does not fit uint16"),
+    ("data_prep", ["--input", "{ws}/ok.txt", "--vocab_size", "100", *PREP], "between 257"),
+    ("data_prep", ["--val_fraction", "1.5"], "in [0, 1)"),
+    ("data_prep", ["--max_stories", "0"], "not a positive integer"),
+    ("data_prep", ["--val_input", "{ws}/ok.txt"], "--val_input needs --input"),
+    ("train", [*TRAIN, "--batch_size", "0"], "not a positive integer"),
+    ("train", [*TRAIN, "--lr", "-1"], "not a number > 0"),
+    ("train", [*TRAIN, "--lr", "fast"], "not a number"),
+    ("train", [*TRAIN, "--n_layer", "0"], "n_layer must be at least 1"),
+    ("train", [*TRAIN, "--block_size", "-5"], "block_size must be at least 1"),
+    ("train", [*TRAIN, "--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
+    ("train", [*TRAIN, "--dropout", "1.5"], "dropout must be in [0, 1)"),
+    ("train", [*TRAIN, "--max_iters", "0"], "not a positive integer"),
+    ("train", [*TRAIN, "--eval_iters", "0"], "not a positive integer"),
+    ("train", [*TRAIN, "--grad_accum", "0"], "not a positive integer"),
+    ("train", [*TRAIN, "--warmup_iters", "-1"], "not an integer >= 0"),
+    ("train", [*TRAIN, "--max_minutes", "0"], "not a number > 0"),
+    ("train", [*TRAIN, "--min_lr_ratio", "2"], "not in [0, 1]"),
+    ("train", [*TRAIN, "--arch", "rnn"], "invalid choice: 'rnn'"),
+    ("train", [*TRAIN, "--device", "cuda"], "no CUDA GPU"),
+    ("train", [*TRAIN, "--device", "potato"], "is not a device"),
+    ("train", ["--data_dir", "{ws}/nothing"], "run python data_prep.py"),
+    ("train", ["--data_dir", "{ws}/no_val", "--out_dir", "{ws}/new_run"], "re-run data_prep.py"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/afile"], "is a file, not a folder"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run"], "pass --resume"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/new_run", "--resume"], "no checkpoint at"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/broken", "--resume"], "not a readable checkpoint"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--block_size", "64"],
+     "block_size=32 but --block_size 64"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--arch", "hybrid"],
+     "arch=mixer but --arch hybrid"),
+    ("train", ["--data_dir", "{ws}/data1024", "--out_dir", "{ws}/run", "--resume"], "4096-token vocabulary"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--layout", "stories"],
+     "trained with --layout packed"),
+    ("sample", ["--ckpt", "{ws}/missing.pt"], "checkpoint not found"),
+    ("sample", ["--ckpt", "{ws}/broken/ckpt.pt"], "not a readable checkpoint"),
+    ("sample", ["--ckpt", "{ws}/not_a_ckpt.pt"], "not a checkpoint of the expected kind"),
+    ("sample", ["--ckpt", CKPT, "--max_new_tokens", "0"], "not a positive integer"),
+    ("sample", ["--ckpt", CKPT, "--temperature", "-1"], "not a number >= 0"),
+    ("retrieve", ["embed", "--ckpt", CKPT, "--pairs", "{ws}/bad_pairs.jsonl", "--out", "{ws}/e.npz"],
+     "line 1 needs string fields"),
+    ("retrieve", ["embed", "--ckpt", CKPT, "--pairs", "{ws}/empty.jsonl", "--out", "{ws}/e.npz"], "empty file"),
+    ("retrieve", ["embed", "--ckpt", "{ws}/missing.pt", "--pairs", "{ws}/pairs.jsonl", "--out", "{ws}/e.npz"],
+     "checkpoint not found"),
+    ("retrieve", ["eval", "--emb", "{ws}/missing.npz"], "not found"),
+    ("retrieve", ["eval", "--emb", "{ws}/index_broken.npz"], "not a readable .npz"),
+    ("retrieve", ["eval", "--emb", "{ws}/emb.npz", "--model", "{ws}/broken/ckpt.pt"], "not a readable checkpoint"),
+    ("retrieve", ["eval", "--emb", "{ws}/emb.npz", "--model", "{ws}/r16.pt"], "checkpoint mismatch"),
+    ("retrieve", ["train", "--method", "mixer", "--out", "{ws}/r.pt"], "give --emb"),
+    ("retrieve", ["train", "--method", "infonce", "--out", "{ws}/r.pt"], "give --ckpt and --pairs"),
+    ("retrieve", ["train", "--method", "mixer", "--emb", "{ws}/e16.npz", "--out", "{ws}/r.pt", "--candidates", "64"],
+     "need more than --candidates 64"),
+    ("retrieve", ["index", "--ckpt", CKPT, "--stories", "{ws}/missing.txt", "--out", "{ws}/i.npz"],
+     "input file not found"),
+    ("retrieve", ["search", "--ckpt", CKPT, "--index", "{ws}/index.npz", "--query", ""], "--query is empty"),
+    ("retrieve", ["search", "--ckpt", CKPT, "--index", "{ws}/index.npz", "--query", "  "], "--query is empty"),
+    ("retrieve", ["search", "--ckpt", CKPT, "--index", "{ws}/index_broken.npz", "--query", "a cat"],
+     "not a readable .npz"),
+    ("retrieve", ["search", "--ckpt", "{ws}/tuned.pt", "--index", "{ws}/index.npz", "--query", "a cat"],
+     "checkpoint mismatch"),
+    ("retrieve", ["search", "--ckpt", CKPT, "--index", "{ws}/index.npz", "--query", "a cat", "-k", "0"],
+     "not a positive integer"),
+    ("represent", [], "nothing to measure"),
+    ("represent", ["--ckpt", "{ws}/missing.pt"], "checkpoint not found"),
+    ("represent", ["--ckpt", "{ws}/broken/ckpt.pt"], "not a readable checkpoint"),
+    ("represent", ["--ckpt", CKPT, "--layer", "5"], "--layer 5 is out of range"),
+    ("represent", ["--ckpt", CKPT, "--length", "1000"], "exceeds"),
+    ("represent", ["--init", "mixer", "--n_embd", "30", "--n_head", "4"], "not divisible"),
+    ("represent", ["--ckpt", CKPT, "--data_dir", "{ws}/nothing"], "run python data_prep.py"),
+    ("bench", ["--n_layer", "0"], "not a positive integer"),
+    ("bench", ["--memory", "--n_embd", "30", "--n_head", "4"], "not divisible"),
+    ("bench", ["--memory", "--sweep_block_size", "512,x"], "comma-separated integers"),
+    ("bench", ["--device", "cuda"], "no CUDA GPU"),
+    ("compare", ["--resume"], "set by compare.py"),
+    ("compare", ["--minutes", "0"], "not a number > 0"),
+    ("compare", ["--lr", "-1"], "not a number > 0"),
+    ("compare", ["--out_dir", "{ws}/afile"], "is a file, not a folder"),
+    ("compare", ["--data_dir", "{ws}/nothing", "--out_dir", "{ws}/cmp"], "run python data_prep.py"),
+]
+
+
+def snapshot(folder):
+    """Every file under folder with a hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("entry, argv, words", BAD_INPUTS, ids=[f"{e}:{' '.join(a)[:60]}" for e, a, _ in BAD_INPUTS])
+def test_bad_input_gets_one_clear_line_and_changes_nothing(entry, argv, words, workspace, capsys):
+    before = snapshot(workspace)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        ENTRY_POINTS[entry](*[a.format(ws=workspace) for a in argv])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "error: " in last and words in last, err
+    assert snapshot(workspace) == before, "a failed command changed or left files"
+
+
+def test_train_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, default in [("--batch_size", 16), ("--lr", 0.0005), ("--warmup_iters", 200), ("--max_iters", 5000),
+                          ("--eval_interval", 250), ("--weight_decay", 0.1), ("--n_layer", 4), ("--block_size", 512)]:
+        assert re.search(rf"{flag} \S+ .*?default:? {default}\b", help_text), flag
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_lines_use_carriage_returns_only_on_a_terminal(tty):
+    import io
+    import cli
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return tty
+
+    stream = Stream()
+    progress = cli.Progress(log_every=0.0, stream=stream)
+    progress.every = 0.0  # every update prints
+    progress.update("step 1")
+    progress.update("step 2")
+    progress.done("done")
+    expected = "\rstep 1\rstep 2\rdone  \n" if tty else "step 1\nstep 2\ndone\n"
+    assert stream.getvalue() == expected
+
+
+def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes(prepared, tmp_path):
+    """Kill training (SIGKILL, no chance to clean up) several times, half of them the moment a
+    checkpoint write begins: ckpt.pt must always load, and --resume must carry on to the end."""
+    argv = [sys.executable, "train.py", "--data_dir", str(prepared), "--out_dir", str(tmp_path),
+            *map(str, TINY_RUN), "--max_iters", "300", "--eval_interval", "1", "--eval_iters", "1", "--log_interval", "50"]
+    ckpt, tmp = tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.tmp"
+    rng = np.random.default_rng(0)
+    steps_seen = []
+    for attempt in range(4):
+        tmp.unlink(missing_ok=True)  # a killed write's leftover: the next one to appear is new
+        written = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+        proc = subprocess.Popen(argv + (["--resume"] if attempt else []), cwd=HERE,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        # wait until this process has saved a checkpoint of its own: it is past start-up and training
+        while (not ckpt.exists() or ckpt.stat().st_mtime_ns == written) and time.time() < deadline:
+            time.sleep(0.01)
+        if attempt % 2:
+            time.sleep(rng.uniform(0.2, 1.5))  # a random moment
+        else:
+            while not tmp.exists() and time.time() < deadline:  # the moment a write begins
+                time.sleep(0.0005)
+        proc.kill()
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        state = train.load_checkpoint(ckpt)  # never half-written
+        train.model_from_checkpoint(state, ckpt)
+        steps_seen.append(state["step"])
+    finish = subprocess.run(argv + ["--resume"], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr[-2000:]
+    assert train.load_checkpoint(ckpt)["step"] == 300 and int(read_log(tmp_path)[-1]["step"]) == 300
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > 0  # every resume made progress
+
+
+# ---------------------------------------------------------------------------------------- compare.py
+
+def test_compare_trains_each_arch_then_writes_the_table_and_curves(prepared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as without the optional extra
+    tiny = ["--data_dir", prepared, "--n_layer", 1, "--n_embd", 32, "--block_size", 32, "--batch_size", 4,
+            "--eval_interval", 5, "--eval_iters", 2, "--warmup_iters", 2, "--out_dir", tmp_path]
+    # one run already half done (as if interrupted): compare must continue it, not start over
+    run_train(*tiny[:-2], "--arch", "transformer", "--seed", 1338, "--out_dir", tmp_path / "transformer-seed1338",
+              "--max_iters", 10**9, "--max_minutes", 0.005)
+    half_done = train.load_checkpoint(tmp_path / "transformer-seed1338" / "ckpt.pt")["step"]
+    capsys.readouterr()
+    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.015]])
+    out = capsys.readouterr().out
+    assert re.findall(r"^\[\d/4\] (\w+) seed (\d+): (\w+)", out, re.M) == [
+        ("mixer", "1337", "training"), ("transformer", "1337", "training"),
+        ("mixer", "1338", "training"), ("transformer", "1338", "continuing")]
+    assert "pip install matplotlib" in out and not (tmp_path / "curves.png").exists()
+    table = (tmp_path / "results.md").read_text()
+    rows = re.findall(r"^\| (mixer|transformer) \| [\d.]+M \| [\d,]+ \([\d,]+-[\d,]+\) \|.* \| ([\d.]+) \(([\d.]+)-([\d.]+)\) \|$",
+                      table, re.M)
+    assert [r[0] for r in rows] == ["mixer", "transformer"]
+    for arch, mean, low, high in rows:
+        finals = [float(read_log(tmp_path / f"{arch}-seed{s}")[-1]["val_loss"]) for s in (1337, 1338)]
+        assert float(mean) == pytest.approx(np.mean(finals), abs=1e-3)
+        assert (low, high) == (f"{min(finals):.3f}", f"{max(finals):.3f}")
+    assert re.search(r"(by [\d.]+: every seed of|within the spread between seeds: no ranking)", table)
+    for arch, seed in [("mixer", 1337), ("transformer", 1337), ("mixer", 1338), ("transformer", 1338)]:
+        state = train.load_checkpoint(tmp_path / f"{arch}-seed{seed}" / "ckpt.pt")
+        assert state["elapsed"] >= 0.015 * 60 and state["train_args"]["seed"] == seed
+    assert train.load_checkpoint(tmp_path / "transformer-seed1338" / "ckpt.pt")["step"] > half_done
+    with open(tmp_path / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    assert {(r["arch"], r["seed"]) for r in curves} == {(a, str(s)) for a in ("mixer", "transformer") for s in (1337, 1338)}
+    # the same command again: nothing is retrained
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
+    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.015]])
+    assert "done already" in capsys.readouterr().out
+    assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
+
+
+def test_compare_draws_the_curves_with_matplotlib(prepared, tmp_path):
+    pytest.importorskip("matplotlib")
+    compare.main([str(a) for a in ["--data_dir", prepared, "--n_layer", 1, "--n_embd", 32, "--block_size", 32,
+                                   "--eval_interval", 5, "--eval_iters", 1, "--archs", "mixer", "--minutes", 0.005,
+                                   "--out_dir", tmp_path]])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
