@@ -109,7 +109,9 @@ def training_memory(config, args, device):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in held:
             saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # detached: the same storage, without the graph; returning the tensor itself would let an
+        # output saved by its own node keep that node alive (a cycle Python's gc cannot see: a leak)
+        return tensor.detach()
 
     x = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size + 1), device=device)
     ctx, _ = autocast(device, args.dtype)

@@ -640,6 +640,20 @@ def activation_mb(arch, T, **kw):
     return bench.training_memory(config, args, torch.device("cpu"))["activation_mb"]
 
 
+def test_memory_measurement_frees_the_model_and_its_graph():
+    import gc
+    import weakref
+    weights = []  # a leaked graph keeps the parameters alive (and every activation with them)
+    original = bench.Model
+    bench.Model = lambda config: weights.append(weakref.ref((m := original(config)).lm_head.weight)) or m  # noqa: E731
+    try:
+        activation_mb("transformer", 64, attn_impl="eager")
+    finally:
+        bench.Model = original
+    gc.collect()
+    assert len(weights) == 1 and weights[0]() is None, "the measured model's weights are still alive: a leak"
+
+
 def test_mixer_activations_grow_linearly_with_context():
     """The masked mixing must not keep [T, T]-sized copies for backward: 4x the context, at most about
     4x the activations. The eager transformer keeps its [T, T] attention and grows faster."""
