@@ -283,7 +283,15 @@ def cmd_eval(args):
 class RetrievalMixer(nn.Module):
     """Paper v1: a small bidirectional mixer over the slots [query, candidate_1 .. candidate_N]
     (embeddings from the frozen generative model); one score per candidate. The slots are mixed by
-    mixer.py's block with an unmasked mixing matrix."""
+    mixer.py's block with an unmasked mixing matrix.
+
+    Init: every candidate slot starts with the query mixed in (W[i, 0] = 1 besides mixer.py's W = I),
+    so each block's MLP sees query and candidate together from the first step. With W = I alone no
+    candidate sees the query, the gradient that would teach it to look is about zero, and the model
+    sat at chance (loss ln 32) on real embeddings: it could not even memorise 500 training pairs.
+    With this init it memorises them (99% train top-1) and on 6.7k proxy pairs reaches the held-out
+    top-1 of a bilinear probe (measured: README, Retrieval).
+    """
 
     def __init__(self, d_in, candidates, width=256, n_layer=2):
         super().__init__()
@@ -291,6 +299,9 @@ class RetrievalMixer(nn.Module):
         self.config = Config(arch="mixer", block_size=candidates + 1, n_embd=width, n_layer=n_layer, causal=False)
         self.proj_in = nn.Linear(d_in, width)
         self.blocks = nn.ModuleList(Block(self.config) for _ in range(n_layer))
+        with torch.no_grad():
+            for block in self.blocks:
+                block.mix.weight[:, 1:, 0] = 1.0  # slot 0 is the query
         self.norm = nn.RMSNorm(width)
         self.score = nn.Linear(width, 1)
 
