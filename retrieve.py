@@ -91,33 +91,39 @@ def padded(ids, device):
     return batch.to(device), lengths.to(device)
 
 
+def embed_batch(model, texts, long, device):
+    """[len(texts), n_embd] embeddings of token lists (differentiable: InfoNCE trains through it).
+    long="mean" embeds every window of a text (see windows) and averages their unit-length
+    embeddings; "first" and "last" embed one window."""
+    pieces = [(text, w) for text, t in enumerate(texts) for w in windows(t, model.config.block_size, long)]
+    emb = model.embed(*padded([w for _, w in pieces], device))  # [pieces, d]
+    if long != "mean":
+        return emb
+    owner = torch.tensor([text for text, _ in pieces], device=device)
+    pooled = torch.zeros(len(texts), emb.size(1), device=device).index_add(0, owner, F.normalize(emb, dim=-1))
+    return pooled / torch.bincount(owner, minlength=len(texts)).unsqueeze(1)
+
+
 @torch.no_grad()
 def embed_texts(model, ids, long, batch_size, device, label=None):
-    """[N, n_embd] float32 embeddings of token lists, batched by length (little padding), with a
-    progress line unless label is None. long="mean" embeds every window of a text (see windows) and
-    averages their unit-length embeddings; "first" and "last" embed one window."""
-    pieces = [(text, w) for text, t in enumerate(ids) for w in windows(t, model.config.block_size, long)]
+    """[N, n_embd] float32 embeddings of token lists, batch_size texts at a time in order of length
+    (little padding), with a progress line unless label is None."""
     longer = sum(len(t) > model.config.block_size for t in ids)
     if longer and label:
         print(f"{label}: {longer:,} of {len(ids):,} texts are longer than block_size {model.config.block_size}; "
               f"--long {long}: " + {"first": "their first window is embedded", "last": "their last window is embedded",
-                                     "mean": f"{len(pieces):,} windows embedded and averaged"}[long])
-    order = sorted(range(len(pieces)), key=lambda i: len(pieces[i][1]))
-    out = np.empty((len(pieces), model.config.n_embd), dtype=np.float32)
+                                     "mean": "the mean of all their windows"}[long])
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.empty((len(ids), model.config.n_embd), dtype=np.float32)
     start, progress = time.time(), Progress()
-    for first in range(0, len(pieces), batch_size):
+    for first in range(0, len(ids), batch_size):
         rows = order[first : first + batch_size]
-        out[rows] = model.embed(*padded([pieces[i][1] for i in rows], device)).float().cpu().numpy()
+        out[rows] = embed_batch(model, [ids[i] for i in rows], long, device).float().cpu().numpy()
         if label:
-            progress.update(f"{label}: {first + len(rows):,}/{len(pieces):,} ({time.time() - start:.0f}s)")
+            progress.update(f"{label}: {first + len(rows):,}/{len(ids):,} ({time.time() - start:.0f}s)")
     if label:
         progress.done(f"{label}: {len(ids):,} texts in {time.time() - start:.1f}s")
-    if long != "mean":
-        return out
-    owner = np.array([text for text, _ in pieces])
-    pooled = np.zeros((len(ids), out.shape[1]), dtype=np.float32)
-    np.add.at(pooled, owner, out / np.linalg.norm(out, axis=1, keepdims=True))
-    return pooled / np.bincount(owner, minlength=len(ids))[:, None]
+    return out
 
 
 def flat(ids):
@@ -361,17 +367,16 @@ def train_infonce(args):
     pairs = read_pairs(args.pairs)
     if len(pairs) < args.group:
         raise RetrievalError(f"{len(pairs)} pairs: need at least --group {args.group}")
-    # trained on each text's first window (see windows() for how eval embeds longer ones)
-    T = model.config.block_size
-    summaries = [t[:T] for t in tokenize([p["summary"] for p in pairs], enc)]
-    stories = [t[:T] for t in tokenize([p["story"] for p in pairs], enc)]
+    summaries = tokenize([p["summary"] for p in pairs], enc)
+    stories = tokenize([p["story"] for p in pairs], enc)
     torch.manual_seed(args.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     for step in range(1, args.steps + 1):
         group = torch.randperm(len(pairs))[: args.group].tolist()
-        q = F.normalize(model.embed(*padded([summaries[i] for i in group], device)), dim=-1)
-        s = F.normalize(model.embed(*padded([stories[i] for i in group], device)), dim=-1)
+        # texts longer than the context are embedded as eval will embed them (--long)
+        q = F.normalize(embed_batch(model, [summaries[i] for i in group], args.long, device), dim=-1)
+        s = F.normalize(embed_batch(model, [stories[i] for i in group], args.long, device), dim=-1)
         logits = q @ s.T / args.temperature  # [G, G]; the matching pairs are on the diagonal
         target = torch.arange(len(group), device=device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -452,7 +457,7 @@ def parse_args(argv=None):
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     common.add_argument("--batch_size", type=positive_int, default=32, help="texts per batch")
     common.add_argument("--seed", type=int, default=1337, help="for candidate sets and training")
-    common.add_argument("--long", choices=["first", "last", "mean"], default="mean",
+    common.add_argument("--long", choices=["first", "last", "mean"], default="last",
                         help="texts longer than the context: embed the first window, the last, or the mean of all")
 
     def command(name, help):
