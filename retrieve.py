@@ -2,7 +2,7 @@
 Summary-to-story retrieval with embeddings from a trained generative model (the paper's second claim).
 
     python retrieve.py embed --ckpt out-mixer/ckpt.pt --pairs data/tinystories/pairs_val.jsonl --out emb_val.npz
-    python retrieve.py eval --emb emb_val.npz                      # raw embeddings, cosine similarity
+    python retrieve.py eval --emb emb_val.npz --bm25               # raw embeddings (cosine) and BM25
     python retrieve.py train --method mixer --emb emb_train.npz --out retrieval.pt   # paper v1
     python retrieve.py eval --emb emb_val.npz --model retrieval.pt
     python retrieve.py train --method infonce --ckpt out-mixer/ckpt.pt --pairs data/tinystories/pairs_train.jsonl \\
@@ -10,8 +10,9 @@ Summary-to-story retrieval with embeddings from a trained generative model (the 
     python retrieve.py index --ckpt out-mixer/ckpt.pt --stories data/tinystories/pairs_val.jsonl --out index.npz
     python retrieve.py search --ckpt out-mixer/ckpt.pt --index index.npz --query "a dog finds a lost ball" -k 5
 
-An embedding is Model.embed: the final hidden state at a text's last token (see mixer.py).
-Pairs are jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
+An embedding is Model.embed: the final hidden state at a text's last token (see mixer.py). A text
+longer than the context is embedded by --long: its last window (default), its first, or the mean of
+all its windows. Pairs are jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
 """
 import argparse
 import dataclasses
