@@ -6,6 +6,7 @@ the memory a training step needs.
     python bench.py --arch mixer --compile              # one arch, torch.compile'd
     python bench.py --arch all --sweep_block_size 128,256,512,1024,2048   # context-length sweep
     python bench.py --memory --arch all --sweep_block_size 512,1024,2048,4096   # memory, the paper's B1 setting
+    python bench.py --modes float32,bfloat16,float32+compile,bfloat16+compile --repeats 5   # dtype x compile
 
 Speed defaults: a paper-scale model on CUDA (d1024, 8 layers, T512, bf16), a small one on the CPU.
 Each timing is the median of --steps steps after --warmup untimed ones. Prints markdown tables.
@@ -54,13 +55,13 @@ def median_seconds(fn, steps, warmup, device):
     return statistics.median(times)
 
 
-def bench_train(config, args, device):
-    """Forward + backward + AdamW step on random tokens: tokens/s, MFU, peak memory."""
+def make_train_step(config, args, device, dtype, compile):
+    """(model, step): step() is one forward + backward + AdamW step on fixed random tokens."""
     torch.manual_seed(0)
     model = Model(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    step_model = torch.compile(model) if args.compile else model
-    ctx, _ = autocast(device, args.dtype)
+    step_model = torch.compile(model) if compile else model
+    ctx, _ = autocast(device, dtype)
     x = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size + 1), device=device)
 
     def step():
@@ -70,6 +71,12 @@ def bench_train(config, args, device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return model, step
+
+
+def bench_train(config, args, device):
+    """Training tokens/s, MFU, peak memory at --dtype and --compile."""
+    model, step = make_train_step(config, args, device, args.dtype, args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step, args.steps, args.warmup, device)
@@ -79,6 +86,54 @@ def bench_train(config, args, device):
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * model.flops_per_token() / peak if peak else None,
             "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+
+
+def bench_modes(base, archs, args, device):
+    """Training tokens/s of every (arch, mode), interleaved: each of --repeats rounds times every
+    pair once (median of --steps steps), so the machine's drift hits all pairs alike, and speed-ups
+    are ratios within a round. Returns {(arch, mode): {"tokens_per_s": [...], "first_step_s": s}}."""
+    steps, results = {}, {}
+    for arch, mode in itertools.product(archs, args.modes):
+        dtype, compile = mode
+        _, step = make_train_step(dataclasses.replace(base, arch=arch), args, device, dtype, compile)
+        sync(device)
+        t0 = time.perf_counter()
+        step()  # the first step traces and compiles under --compile
+        sync(device)
+        steps[arch, mode] = step
+        results[arch, mode] = {"first_step_s": time.perf_counter() - t0, "tokens_per_s": []}
+        for _ in range(args.warmup):
+            step()
+    tokens = args.batch_size * base.block_size
+    for round_ in range(args.repeats):
+        for key, step in steps.items():
+            results[key]["tokens_per_s"].append(tokens / median_seconds(step, args.steps, 0, device))
+        print(f"  round {round_ + 1}/{args.repeats} timed", flush=True)
+    return results
+
+
+def mode_name(mode):
+    dtype, compile = mode
+    return dtype + (" + compile" if compile else "")
+
+
+def print_modes_table(results, archs, args):
+    base_mode = args.modes[0]
+    print(f"| arch | mode | tokens/s, median (min-max) | speed-up over {mode_name(base_mode)}, median (min-max) | "
+          "first step (s) |")
+    print("|---|---|---|---|---|")
+    for arch in archs:
+        reference = results[arch, base_mode]["tokens_per_s"]
+        for mode in args.modes:
+            r = results[arch, mode]
+            ratios = [a / b for a, b in zip(r["tokens_per_s"], reference)]
+            print(f"| {arch} | {mode_name(mode)} | {spread(r['tokens_per_s'], ',.0f')} | {spread(ratios, '.2f')}x | "
+                  f"{r['first_step_s']:.1f} |")
+    print(f"\n(first step: includes tracing and compilation under compile; {args.repeats} interleaved rounds)\n")
+
+
+def spread(values, spec):
+    return f"{format(statistics.median(values), spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
 
 
 def bench_generate(config, context, args, device):
@@ -209,6 +264,10 @@ def parse_args(argv):
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first (compilation, allocator, threads)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--modes", help="comma-separated DTYPE or DTYPE+compile, e.g. float32,bfloat16,bfloat16+compile: "
+                                   "one interleaved training-speed table of every arch in every mode (replaces the "
+                                   "other tables)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="--modes: interleaved rounds (speed-up spread)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--gen_lengths", default="128,512", help="context lengths for the generation benchmark ('' skips)")
@@ -219,9 +278,17 @@ def parse_args(argv):
         args.gen = [int(t) for t in args.gen_lengths.split(",")] if args.gen_lengths else []
     except ValueError:
         p.error("--sweep_block_size and --gen_lengths take comma-separated integers, e.g. 512,1024")
+    args.modes = [parse_mode(m, p) for m in args.modes.split(",")] if args.modes else []
     if any(t < 1 for t in args.sweep + args.gen):
         p.error("block sizes and generation lengths must be positive")
     return args
+
+
+def parse_mode(text, parser):
+    dtype, _, extra = text.strip().partition("+")
+    if dtype not in ("auto", "float32", "bfloat16", "float16") or extra not in ("", "compile"):
+        parser.error(f"--modes: {text!r} is not DTYPE or DTYPE+compile (DTYPE: auto, float32, bfloat16, float16)")
+    return dtype, extra == "compile"
 
 
 def bench(args):
@@ -241,6 +308,11 @@ def bench(args):
         print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, d{args.n_embd}, {args.n_layer} layers, "
               f"batch {args.batch_size}, vocab {args.vocab_size}\n")
         print_memory_table(memory_rows(base, archs, args.sweep or [args.block_size], args, device), args.json)
+        return
+    if args.modes:
+        print(f"device: {name}, batch {args.batch_size}, d{args.n_embd}, {args.n_layer} layers, T{args.block_size}, "
+              f"vocab {args.vocab_size}; median of {args.steps} steps per round\n")
+        print_modes_table(bench_modes(base, archs, args, device), archs, args)
         return
     print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, compile {args.compile}, "
           f"batch {args.batch_size}, median of {args.steps} steps after {args.warmup} warm-up\n")
