@@ -11,17 +11,31 @@ Every flag compare.py does not know goes to train.py unchanged (data, model size
     results.md   the table (mean and spread over seeds), with the command and the machine
     curves.csv   every eval of every run
     curves.png   val loss against training time and against tokens seen (needs matplotlib)
+--sweep FLAG=V1,V2,... [FLAG=...] gives each arch its own best settings (the paper's protocol): every
+point of the grid (any train.py flags, e.g. lr=1e-3,3e-3,1e-2 n_embd=128,256) is trained for every arch
+on one seed (--seed); each arch's best point (lowest final val loss) is then retrained on --seeds fresh
+seeds (--seed + 1, ...), and only those confirmation runs enter the verdict: picking the best of many
+runs and reporting those same runs would flatter every arch by its own luck.
+
+    python compare.py --sweep lr=1e-3,3e-3,1e-2,3e-2 --seeds 2 --minutes 3 --archs mixer transformer ...
+
+With --sweep, results.md holds the grid (arch x point -> final val loss, steps, tokens/s; a best point
+at the edge of the grid is marked), then each arch's best point confirmed, and the verdict; curves.png
+shows the confirmation runs' val loss against time, and final val loss against the swept value.
 Run the same command again after an interruption: finished runs are kept and the others continue
 from their checkpoints. A larger --minutes extends every run from where it stopped (its lr schedule
 is then stretched over the new budget, which is not quite the same as training that long from scratch).
 """
 import argparse
 import csv
+import itertools
 import platform
+import re
 import shlex
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -29,14 +43,109 @@ import train
 from cli import HelpFormatter, UserError, positive_float, positive_int, run
 from mixer import ARCHS
 
-CURVE_FIELDS = ["arch", "seed", "step", "tokens", "elapsed_s", "train_loss", "val_loss"]
+CURVE_FIELDS = ["arch", "point", "seed", "step", "tokens", "elapsed_s", "train_loss", "val_loss"]
 OWN_FLAGS = ("--max_minutes", "--resume")  # compare.py sets these itself for every run
+SET_PER_RUN = ("arch", "seed", "out_dir", "max_minutes", "resume", "max_iters")  # cannot be swept
+
+
+class Run(NamedTuple):
+    """One training run; point is {flag: value text} of its sweep point ({} without --sweep)."""
+    arch: str
+    seed: int
+    out_dir: Path
+    point: dict = {}
 
 
 def run_dirs(args):
-    """(arch, seed, folder) of every run, in the order they are trained: all archs for a seed, then the next seed."""
-    return [(arch, seed, Path(args.out_dir) / f"{arch}-seed{seed}")
+    """Every run without --sweep, in the order they are trained: all archs for a seed, then the next seed."""
+    return [Run(arch, seed, Path(args.out_dir) / f"{arch}-seed{seed}")
             for seed in range(args.seed, args.seed + args.seeds) for arch in args.archs]
+
+
+# ---------------------------------------------------------------------------------------- the sweep
+
+def parse_grid(specs, train_argv):
+    """[(flag, [value text, ...]), ...] from FLAG=V1,V2,... specs. Each value is checked now with the
+    type train.py gives that flag, so a typo fails before hours of training, not after."""
+    actions = {a.dest: a for a in train.build_parser()._actions if a.option_strings}
+    given = {arg.lstrip("-").split("=")[0] for arg in train_argv if arg.startswith("--")}
+    grid = []
+    for spec in specs:
+        flag, eq, values = spec.partition("=")
+        flag = flag.strip().lstrip("-")
+        if not eq or not flag:
+            raise UserError(f"--sweep {spec!r}: write FLAG=V1,V2,... (e.g. lr=1e-3,3e-3,1e-2)")
+        action = actions.get(flag)
+        if action is None or action.nargs == 0:
+            raise UserError(f"--sweep {flag}: not a train.py flag that takes a value (see python train.py --help)")
+        if flag in SET_PER_RUN:
+            raise UserError(f"--sweep {flag}: compare.py sets --{flag} itself for every run (use --archs, --seed, "
+                            "--out_dir or --minutes)")
+        if flag in given or flag in (f for f, _ in grid):
+            raise UserError(f"--sweep {flag}: --{flag} is given twice (once swept): give it once")
+        texts = [v.strip() for v in values.split(",")]
+        if not all(texts):
+            raise UserError(f"--sweep {flag}={values}: an empty value (write V1,V2,... with no empty entries)")
+        if len(set(texts)) < len(texts):
+            raise UserError(f"--sweep {flag}={values}: a value is listed twice")
+        for text in texts:
+            try:
+                value = action.type(text) if action.type else text
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+                raise UserError(f"--sweep {flag}={text}: {e or 'not a valid value'}") from None
+            if action.choices and value not in action.choices:
+                raise UserError(f"--sweep {flag}={text}: choose from {', '.join(map(str, action.choices))}")
+        grid.append((flag, texts))
+    return grid
+
+
+def grid_points(grid):
+    """Every combination of the swept values, as {flag: value text}."""
+    flags = [flag for flag, _ in grid]
+    return [dict(zip(flags, values)) for values in itertools.product(*(texts for _, texts in grid))]
+
+
+def point_name(point):
+    return " ".join(f"{flag}={value}" for flag, value in point.items())
+
+
+def point_slug(point):
+    """A folder-name-safe form of a point: lr=3e-3 n_embd=128 -> lr3e-3_n_embd128."""
+    return "_".join(flag + re.sub(r"[^A-Za-z0-9.+-]", "-", value) for flag, value in point.items())
+
+
+def selection_runs(args, grid):
+    """The grid on the selection seed (--seed), archs interleaved at each point."""
+    return [Run(arch, args.seed, Path(args.out_dir) / f"{arch}-{point_slug(point)}-seed{args.seed}", point)
+            for point in grid_points(grid) for arch in args.archs]
+
+
+def confirmation_runs(args, best):
+    """Each arch's best point on --seeds fresh seeds (--seed + 1, ...)."""
+    return [Run(arch, seed, Path(args.out_dir) / f"{arch}-{point_slug(best[arch])}-seed{seed}", best[arch])
+            for seed in range(args.seed + 1, args.seed + 1 + args.seeds) for arch in args.archs]
+
+
+def best_points(results):
+    """{arch: the point whose run ends with the lowest val loss} over the given (selection) results."""
+    best = {}
+    for r in results:
+        if r["arch"] not in best or final_val_loss(r) < final_val_loss(best[r["arch"]]):
+            best[r["arch"]] = r
+    return {arch: r["point"] for arch, r in best.items()}
+
+
+def edge_notes(grid, point):
+    """Where a best point sits at the edge of a numeric swept range: the optimum may lie outside."""
+    notes = []
+    for flag, texts in grid:
+        try:
+            values = sorted(float(t) for t in texts)
+        except ValueError:
+            continue
+        if len(values) > 1 and float(point[flag]) in (values[0], values[-1]):
+            notes.append(f"{flag} at the grid's {'lower' if float(point[flag]) == values[0] else 'upper'} edge")
+    return notes
 
 
 def is_finished(ckpt_path, minutes):
@@ -47,19 +156,20 @@ def is_finished(ckpt_path, minutes):
     return ckpt["elapsed"] >= minutes * 60 or ckpt["step"] >= ckpt["train_args"]["max_iters"]
 
 
-def train_all(args, train_argv):
-    runs = run_dirs(args)
-    for n, (arch, seed, out_dir) in enumerate(runs, 1):
-        ckpt_path = out_dir / "ckpt.pt"
+def train_all(args, train_argv, runs, stage=""):
+    for n, run in enumerate(runs, 1):
+        ckpt_path = run.out_dir / "ckpt.pt"
+        what = f"[{stage}{n}/{len(runs)}] {run.arch}" + (f" {point_name(run.point)}" if run.point else "") + f" seed {run.seed}"
         if is_finished(ckpt_path, args.minutes):
-            print(f"[{n}/{len(runs)}] {arch} seed {seed}: done already ({out_dir})")
+            print(f"{what}: done already ({run.out_dir})")
             continue
         resume = ckpt_path.exists()
-        print(f"[{n}/{len(runs)}] {arch} seed {seed}: {'continuing' if resume else 'training'} for "
-              f"{args.minutes:g} minutes into {out_dir}", flush=True)
+        print(f"{what}: {'continuing' if resume else 'training'} for {args.minutes:g} minutes into {run.out_dir}",
+              flush=True)
+        swept = [arg for flag, value in run.point.items() for arg in (f"--{flag}", value)]
         # a time budget: --max_iters must not end the run first, unless the user asked for it
-        argv = ["--max_iters", str(10**9), *train_argv, "--arch", arch, "--seed", str(seed), "--out_dir", str(out_dir),
-                "--max_minutes", str(args.minutes)] + (["--resume"] if resume else [])
+        argv = ["--max_iters", str(10**9), *train_argv, *swept, "--arch", run.arch, "--seed", str(run.seed),
+                "--out_dir", str(run.out_dir), "--max_minutes", str(args.minutes)] + (["--resume"] if resume else [])
         summary = train.train(train.parse_args(argv))
         if summary["interrupted"]:
             raise UserError("interrupted: run the same command again to continue where it stopped")
@@ -67,13 +177,18 @@ def train_all(args, train_argv):
 
 # ---------------------------------------------------------------------------------------- results
 
-def read_run(arch, seed, out_dir):
+def read_run(run):
     """One finished run: its eval rows (log.csv) and its parameter count (checkpoint)."""
-    with open(out_dir / "log.csv") as f:
-        rows = [{"arch": arch, "seed": seed, **r} for r in csv.DictReader(f)]
-    ckpt = train.load_checkpoint(out_dir / "ckpt.pt")
-    return {"arch": arch, "seed": seed, "rows": rows, "params": sum(t.numel() for t in ckpt["model"].values()),
-            "layout": ckpt["train_args"]["layout"], "config": ckpt["config"]}
+    with open(run.out_dir / "log.csv") as f:
+        rows = [{"arch": run.arch, "point": point_name(run.point), "seed": run.seed, **r} for r in csv.DictReader(f)]
+    ckpt = train.load_checkpoint(run.out_dir / "ckpt.pt")
+    return {"arch": run.arch, "seed": run.seed, "point": run.point, "rows": rows,
+            "params": sum(t.numel() for t in ckpt["model"].values()), "layout": ckpt["train_args"]["layout"],
+            "config": ckpt["config"]}
+
+
+def final_val_loss(result):
+    return float(result["rows"][-1]["val_loss"])
 
 
 def spread(values, fmt):
@@ -97,17 +212,26 @@ def ranking(final_val):
     return lines
 
 
-def write_results(args, runs, command):
-    by_arch = {arch: [r for r in runs if r["arch"] == arch] for arch in args.archs}
-    final_val = {arch: [float(r["rows"][-1]["val_loss"]) for r in rs] for arch, rs in by_arch.items()}
-    config = runs[0]["config"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+def machine():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    lines = [f"# Equal wall-clock comparison: {args.minutes:g} minutes per run, {args.seeds} seed(s)", "",
-             f"`{command}`", "",
-             f"Model: d{config['n_embd']}, {config['n_layer']} layers, T{config['block_size']}, "
-             f"vocab {config['vocab_size']}; layout {runs[0]['layout']}. Machine: {device}, torch {torch.__version__}.", "",
-             "| arch | params | steps | tokens seen (M) | tokens/s | train loss | val loss |",
+
+
+def setting_line(result, swept=()):
+    """The model and data setting of a run, without the swept flags (they differ between runs)."""
+    config = result["config"]
+    parts = [f"d{config['n_embd']}" if "n_embd" not in swept else None,
+             f"{config['n_layer']} layers" if "n_layer" not in swept else None,
+             f"T{config['block_size']}" if "block_size" not in swept else None, f"vocab {config['vocab_size']}"]
+    return (f"Model: {', '.join(p for p in parts if p)}; layout {result['layout']}. "
+            f"Machine: {machine()}, torch {torch.__version__}.")
+
+
+def arch_table(results, archs):
+    """The per-arch table (mean and spread over seeds) and {arch: [final val loss per seed]}."""
+    by_arch = {arch: [r for r in results if r["arch"] == arch] for arch in archs}
+    final_val = {arch: [final_val_loss(r) for r in rs] for arch, rs in by_arch.items()}
+    lines = ["| arch | params | steps | tokens seen (M) | tokens/s | train loss | val loss |",
              "|---|---|---|---|---|---|---|"]
     for arch, rs in by_arch.items():
         last = [r["rows"][-1] for r in rs]
@@ -116,47 +240,136 @@ def write_results(args, runs, command):
         lines.append(f"| {arch} | {rs[0]['params'] / 1e6:.2f}M | {spread([int(row['step']) for row in last], ',.0f')} | "
                      f"{spread([t / 1e6 for t in tokens], '.2f')} | {spread(speed, ',.0f')} | "
                      f"{spread([float(row['train_loss']) for row in last], '.3f')} | {spread(final_val[arch], '.3f')} |")
-    lines += ["", "Losses are the last eval of each run; with several seeds, mean (min-max).", ""]
-    lines += ranking(final_val)
+    return lines, final_val
+
+
+def write_results(args, results, command):
+    table, final_val = arch_table(results, args.archs)
+    lines = [f"# Equal wall-clock comparison: {args.minutes:g} minutes per run, {args.seeds} seed(s)", "",
+             f"`{command}`", "", setting_line(results[0]), "", *table, "",
+             "Losses are the last eval of each run; with several seeds, mean (min-max).", "", *ranking(final_val)]
+    finish_results(args, lines, results)
+
+
+def write_sweep_results(args, grid, selection, confirmation, best, command):
+    lines = [f"# Each arch at its best point: a {len(grid_points(grid))}-point grid, {args.minutes:g} minutes per run",
+             "", f"`{command}`", "", setting_line(selection[0], [flag for flag, _ in grid]), "",
+             f"## Grid (selection seed {args.seed})", "",
+             "| arch | point | params | steps | tokens/s | val loss |", "|---|---|---|---|---|---|"]
+    for r in sorted(selection, key=lambda r: args.archs.index(r["arch"])):
+        last = r["rows"][-1]
+        marker = " (best)" if r["point"] == best[r["arch"]] else ""
+        lines.append(f"| {r['arch']} | {point_name(r['point'])}{marker} | {r['params'] / 1e6:.2f}M | "
+                     f"{int(last['step']):,} | {int(last['tokens']) / float(last['elapsed_s']):,.0f} | "
+                     f"{final_val_loss(r):.3f} |")
+    lines += ["", f"## Best points, confirmed on {args.seeds} fresh seed(s) "
+                  f"({', '.join(str(s) for s in range(args.seed + 1, args.seed + 1 + args.seeds))})", ""]
+    for arch in args.archs:
+        notes = edge_notes(grid, best[arch])
+        lines.append(f"- {arch}: {point_name(best[arch])}" +
+                     (f" ({'; '.join(notes)}: the optimum may lie outside the grid)" if notes else " (inside the grid)"))
+    table, final_val = arch_table(confirmation, args.archs)
+    lines += ["", *table, "", "Confirmation runs only (the selection run is not counted); last eval of each run, "
+              "mean (min-max) over seeds.", "", "## Verdict", "", *ranking(final_val)]
+    finish_results(args, lines, selection + confirmation)
+
+
+def finish_results(args, lines, results):
+    """Write results.md and curves.csv (every eval of every run), and print the results."""
     (Path(args.out_dir) / "results.md").write_text("\n".join(lines) + "\n")
     with open(Path(args.out_dir) / "curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(row for r in runs for row in r["rows"])
+        writer.writerows(row for r in results for row in r["rows"])
     print("\n".join(lines))
 
 
-def plot_curves(args, runs):
-    """curves.png: val loss against training minutes and against tokens seen, one colour per arch."""
+COLOURS = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
+
+
+def pyplot(out_dir):
+    """matplotlib.pyplot, or None (and a line saying how to get the picture) without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"no curves.png: matplotlib is not installed (pip install matplotlib); "
-              f"the curves are in {Path(args.out_dir) / 'curves.csv'}")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colours = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
-    for r in runs:
+              f"the curves are in {Path(out_dir) / 'curves.csv'}")
+        return None
+    return plt
+
+
+def draw_val_curves(results, first_seed, ax_time, ax_tokens=None):
+    """Val loss against training minutes (and against tokens seen), one colour per arch."""
+    axes = [ax for ax in (ax_time, ax_tokens) if ax is not None]
+    for r in results:
         minutes = [float(row["elapsed_s"]) / 60 for row in r["rows"]]
         tokens = [int(row["tokens"]) / 1e6 for row in r["rows"]]
         val = [float(row["val_loss"]) for row in r["rows"]]
-        label = r["arch"] if r["seed"] == args.seed else None  # one legend entry per arch
+        label = r["arch"] if r["seed"] == first_seed else None  # one legend entry per arch
         for ax, x in zip(axes, (minutes, tokens)):
-            ax.plot(x, val, color=colours[r["arch"]], label=label, alpha=0.9 if label else 0.5)
-    axes[0].set(xlabel="training time (minutes)", ylabel="val loss")
-    axes[1].set(xlabel="tokens seen (millions)")
+            ax.plot(x, val, color=COLOURS[r["arch"]], label=label, alpha=0.9 if label else 0.5)
+    ax_time.set(xlabel="training time (minutes)", ylabel="val loss")
+    if ax_tokens is not None:
+        ax_tokens.set(xlabel="tokens seen (millions)")
     for ax in axes:
         ax.grid(alpha=0.3)
         # the first evals are near ln(vocab); start the axis where the archs differ
-        ax.set_ylim(top=min(float(r["rows"][min(1, len(r["rows"]) - 1)]["val_loss"]) for r in runs) + 0.5)
-    axes[0].legend()
-    fig.suptitle(f"Equal wall-clock comparison, {args.minutes:g} min per run, {args.seeds} seed(s), "
-                 f"layout {runs[0]['layout']}")
+        ax.set_ylim(top=min(float(r["rows"][min(1, len(r["rows"]) - 1)]["val_loss"]) for r in results) + 0.5)
+    ax_time.legend()
+
+
+def save(fig, out_dir):
     fig.tight_layout()
-    fig.savefig(Path(args.out_dir) / "curves.png", dpi=110)
-    print(f"wrote {Path(args.out_dir) / 'curves.png'}")
+    fig.savefig(Path(out_dir) / "curves.png", dpi=110)
+    print(f"wrote {Path(out_dir) / 'curves.png'}")
+
+
+def plot_curves(args, results):
+    """curves.png: val loss against training minutes and against tokens seen, one colour per arch."""
+    plt = pyplot(args.out_dir)
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    draw_val_curves(results, args.seed, *axes)
+    fig.suptitle(f"Equal wall-clock comparison, {args.minutes:g} min per run, {args.seeds} seed(s), "
+                 f"layout {results[0]['layout']}")
+    save(fig, args.out_dir)
+
+
+def plot_sweep(args, grid, selection, confirmation, best):
+    """curves.png: the confirmation runs' val loss against time, and final val loss against the first
+    swept flag (one line per arch and per value of the other swept flags), best points circled."""
+    plt = pyplot(args.out_dir)
+    if plt is None:
+        return
+    fig, (curves, sweep) = plt.subplots(1, 2, figsize=(11, 4))
+    draw_val_curves(confirmation, args.seed + 1, curves)
+    curves.set_title(f"best point of each arch, {args.seeds} fresh seed(s)", fontsize=10)
+    flag, texts = grid[0]
+    numeric = all(re.fullmatch(r"[-+0-9.eE]+", t) for t in texts)
+    x_of = (lambda t: float(t)) if numeric else texts.index
+    styles = itertools.cycle(["-", "--", ":", "-."])
+    for arch in args.archs:
+        for rest in grid_points(grid[1:]) or [{}]:
+            rs = sorted((r for r in selection if r["arch"] == arch and all(r["point"][k] == v for k, v in rest.items())),
+                        key=lambda r: x_of(r["point"][flag]))
+            xs, ys = [x_of(r["point"][flag]) for r in rs], [final_val_loss(r) for r in rs]
+            sweep.plot(xs, ys, marker="o", color=COLOURS[arch], linestyle=next(styles) if rest else "-",
+                       label=" ".join([arch, point_name(rest)]).strip())
+        sweep.plot([x_of(best[arch][flag])], [min(final_val_loss(r) for r in selection if r["arch"] == arch)],
+                   "o", markersize=14, markerfacecolor="none", color=COLOURS[arch])
+    if numeric and min(map(float, texts)) > 0 and max(map(float, texts)) / min(map(float, texts)) >= 10:
+        sweep.set_xscale("log")
+    if not numeric:
+        sweep.set_xticks(range(len(texts)), texts)
+    sweep.set(xlabel=flag, ylabel=f"final val loss (seed {args.seed})")
+    sweep.set_title("the grid (circled: each arch's best)", fontsize=10)
+    sweep.grid(alpha=0.3)
+    sweep.legend(fontsize=8)
+    fig.suptitle(f"Each arch at its best point, {args.minutes:g} min per run, layout {selection[0]['layout']}")
+    save(fig, args.out_dir)
 
 
 def compare(args, train_argv, command):
@@ -164,11 +377,24 @@ def compare(args, train_argv, command):
     if bad:
         raise UserError(f"{bad[0]} is set by compare.py (use --minutes; a second run of the same command resumes)")
     train.parse_args(["--max_iters", "1", *train_argv])  # a bad train.py flag fails now, not hours later
+    grid = parse_grid(args.sweep, train_argv) if args.sweep else None
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    train_all(args, train_argv)
-    runs = [read_run(*r) for r in run_dirs(args)]
-    write_results(args, runs, command)
-    plot_curves(args, runs)
+    if grid is None:
+        train_all(args, train_argv, run_dirs(args))
+        results = [read_run(r) for r in run_dirs(args)]
+        write_results(args, results, command)
+        plot_curves(args, results)
+        return
+    runs = selection_runs(args, grid)
+    train_all(args, train_argv, runs, stage="grid ")
+    selection = [read_run(r) for r in runs]
+    best = best_points(selection)
+    print("best points: " + "; ".join(f"{arch} {point_name(point)}" for arch, point in best.items()), flush=True)
+    runs = confirmation_runs(args, best)
+    train_all(args, train_argv, runs, stage="confirm ")
+    confirmation = [read_run(r) for r in runs]
+    write_sweep_results(args, grid, selection, confirmation, best, command)
+    plot_sweep(args, grid, selection, confirmation, best)
 
 
 def main(argv=None):
@@ -176,9 +402,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help="which archs, in this order")
     p.add_argument("--minutes", type=positive_float, default=10.0, help="training time per run")
-    p.add_argument("--seeds", type=positive_int, default=1, help="runs per arch, with seeds --seed, --seed + 1, ...")
+    p.add_argument("--seeds", type=positive_int, default=1, help="runs per arch, with seeds --seed, --seed + 1, ...; "
+                                                                 "with --sweep, confirmation seeds --seed + 1, ...")
     p.add_argument("--seed", type=int, default=1337, help="the first seed")
     p.add_argument("--out_dir", default="out-compare", help="one folder per run, plus results.md and the curves")
+    p.add_argument("--sweep", nargs="+", metavar="FLAG=V1,V2", help="a grid over train.py flags: each arch's best "
+                                                                      "point is chosen on --seed, confirmed on --seeds fresh seeds")
     args, train_argv = p.parse_known_args(argv)
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         p.error(f"--out_dir {args.out_dir} is a file, not a folder")
