@@ -161,12 +161,17 @@ class Attention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x, cache=None):
+    def queries_keys_values(self, x, t0=0):
+        """q, k, v [B, h, T, dh] of x [B, T, C] at positions t0.., q and k rotated by RoPE."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x [B, h, T, dh]
-        t0 = cached_length(cache, (self, "k"))
         pos = slice(t0, t0 + T)
-        q, k = apply_rope(q, self.cos[pos], self.sin[pos]), apply_rope(k, self.cos[pos], self.sin[pos])
+        return apply_rope(q, self.cos[pos], self.sin[pos]), apply_rope(k, self.cos[pos], self.sin[pos]), v
+
+    def forward(self, x, cache=None):
+        B, T, C = x.shape
+        t0 = cached_length(cache, (self, "k"))
+        q, k, v = self.queries_keys_values(x, t0)
         k = append_to_cache(cache, (self, "k"), k)
         v = append_to_cache(cache, (self, "v"), v)
         # A causal mask aligned top-left is right for a prefill (t0 == 0); a cached decode step adds
@@ -184,14 +189,19 @@ def eager_attention(q, k, v, causal, dropout):
     """softmax(q k^T / sqrt(dh)) v with the [B, h, T, S] attention matrix materialised (and kept for
     backward), as the paper's transformer did (Hugging Face's "eager" attention): the baseline of
     its memory comparison. The fused SDPA kernel gives the same result without storing that matrix."""
+    attn = attention_probs(q, k, causal)
+    if dropout:
+        attn = F.dropout(attn, dropout)
+    return attn @ v  # [B, h, T, dh]
+
+
+def attention_probs(q, k, causal):
+    """softmax(q k^T / sqrt(dh)) [B, h, T, S] for q [B, h, T, dh], k [B, h, S, dh]; causal masks s > t."""
     T, S = q.size(-2), k.size(-2)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # [B, h, T, S]
     if causal:
         scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    attn = scores.softmax(dim=-1)
-    if dropout:
-        attn = F.dropout(attn, dropout)
-    return attn @ v  # [B, h, T, dh]
+    return scores.softmax(dim=-1)
 
 
 class AttentionThenMixing(nn.Module):
