@@ -61,11 +61,12 @@ class Progress:
     """A progress line for long work. On a terminal it is rewritten in place (carriage return) every
     half second; in a log or a pipe it is a plain line every `log_every` seconds, so logs stay readable."""
 
-    def __init__(self, log_every=10.0, stream=None):
+    def __init__(self, log_every=10.0, stream=None, quiet_first=False):
+        """quiet_first: the first line waits a whole interval, so short work prints nothing."""
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.every = 0.5 if self.tty else log_every
-        self.last, self.width = 0.0, 0
+        self.last, self.width = time.time() if quiet_first else 0.0, 0
 
     def update(self, text):
         if time.time() - self.last >= self.every:
@@ -73,8 +74,16 @@ class Progress:
             self._write(text, end="" if self.tty else "\n")
 
     def done(self, text):
+        """A line that stays; in a log, the next update line waits a whole interval after it."""
         self._write(text, end="\n")
-        self.width = 0
+        self.width, self.last = 0, time.time()
+
+    def clear(self):
+        """Before other output: wipe a line rewritten in place (terminal); the next update line waits a
+        whole interval after that output, as after done()."""
+        if self.tty and self.width:
+            print("\r" + " " * self.width + "\r", end="", file=self.stream, flush=True)
+        self.width, self.last = 0, time.time()
 
     def _write(self, text, end):
         if self.tty:  # overwrite the previous line, padding over its longer tail

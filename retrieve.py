@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from cli import HelpFormatter, Progress, UserError, positive_float, positive_int, run
 from data_prep import check_inputs, load_encoding, read_stories
 from mixer import Block, Config
-from train import atomic_save, load_checkpoint, load_model, pick_device
+from train import atomic_save, autocast, load_checkpoint, load_model, pick_device
 
 
 class RetrievalError(UserError):
@@ -148,7 +148,8 @@ def cmd_embed(args):
     arrays = {}
     for field in ("summary", "story"):
         ids = tokenize([p[field] for p in pairs], enc)
-        arrays[field] = embed_texts(model, ids, args.long, args.batch_size, device, f"embedding {field} texts")
+        with autocast(device, args.dtype)[0]:
+            arrays[field] = embed_texts(model, ids, args.long, args.batch_size, device, f"embedding {field} texts")
         arrays[f"{field}_ids"], arrays[f"{field}_offsets"] = flat(ids)  # whole texts, for eval --bm25
     save_npz(args.out, **arrays, long=args.long, fingerprint=fingerprint(model))
     print(f"wrote {args.out}: {len(pairs):,} pairs, {model.config.n_embd}-dim")
@@ -373,11 +374,15 @@ def train_infonce(args):
     torch.manual_seed(args.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    ctx, dtype = autocast(device, args.dtype)
+    print(f"fine-tuning {model.config.arch} on {len(pairs):,} pairs, device {device}, {dtype}")
     for step in range(1, args.steps + 1):
         group = torch.randperm(len(pairs))[: args.group].tolist()
         # texts longer than the context are embedded as eval will embed them (--long)
-        q = F.normalize(embed_batch(model, [summaries[i] for i in group], args.long, device), dim=-1)
-        s = F.normalize(embed_batch(model, [stories[i] for i in group], args.long, device), dim=-1)
+        with ctx:
+            q = embed_batch(model, [summaries[i] for i in group], args.long, device)
+            s = embed_batch(model, [stories[i] for i in group], args.long, device)
+        q, s = F.normalize(q.float(), dim=-1), F.normalize(s.float(), dim=-1)  # scores in float32 (1/temperature = 50)
         logits = q @ s.T / args.temperature  # [G, G]; the matching pairs are on the diagonal
         target = torch.arange(len(group), device=device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -422,7 +427,8 @@ def cmd_index(args):
     device = pick_device(args.device)
     model, enc = load(args.ckpt, device)
     stories = [story for story, _ in read_stories(check_inputs(args.stories))]
-    emb = embed_texts(model, tokenize(stories, enc), args.long, args.batch_size, device, "indexing stories")
+    with autocast(device, args.dtype)[0]:
+        emb = embed_texts(model, tokenize(stories, enc), args.long, args.batch_size, device, "indexing stories")
     # the texts as one UTF-8 blob and offsets: compact for 100k+ stories (a numpy string array pads
     # every story to the longest one, 4 bytes a character)
     encoded = [story.encode() for story in stories]
@@ -441,7 +447,8 @@ def cmd_search(args):
     if str(index["fingerprint"]) != fingerprint(model):
         raise RetrievalError(f"{args.index} was built with another checkpoint than {args.ckpt}: "
                              "checkpoint mismatch (rebuild it with retrieve.py index --ckpt ...)")
-    query = embed_texts(model, tokenize([args.query], enc), args.long, 1, device)  # [1, d]
+    with autocast(device, args.dtype)[0]:  # the same precision as the index was built with (the same rule)
+        query = embed_texts(model, tokenize([args.query], enc), args.long, 1, device)  # [1, d]
     scores = F.cosine_similarity(torch.from_numpy(query), torch.from_numpy(index["embeddings"]))  # [N]
     top = scores.topk(min(args.k, len(scores)))
     text, offsets = index["text"], index["offsets"]
@@ -457,6 +464,9 @@ def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     common.add_argument("--batch_size", type=positive_int, default=32, help="texts per batch")
+    common.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="model precision (embed, index, search, train --method infonce): auto is bf16 autocast on "
+                             "GPUs and on CPUs with native bf16, else float32, as in train.py")
     common.add_argument("--seed", type=int, default=1337, help="for candidate sets and training")
     common.add_argument("--long", choices=["first", "last", "mean"], default="last",
                         help="texts longer than the context: embed the first window, the last, or the mean of all")

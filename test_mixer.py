@@ -1,5 +1,6 @@
 """Test suite: python -m pytest -q  (CPU, no network; real text from ../shared/data when present)."""
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -90,6 +91,60 @@ def test_masked_matmul_matches_autograd_through_an_explicit_mask(causal, diagona
     ours = torch.autograd.grad(mixer.MaskedMatmul.apply(w, v, diagonal, causal), (w, v), grad_y)
     plain = torch.autograd.grad((w * mask) @ v, (w, v), grad_y)
     assert all(torch.allclose(a, b) for a, b in zip(ours, plain))
+
+
+@pytest.mark.parametrize("variant", ["mixer", "mixer-2head", "transformer", "hybrid"])
+def test_gradients_of_every_parameter_match_finite_differences(variant):
+    """float64, eval mode: autograd's gradient of the loss with respect to every parameter, the token
+    embedding (the inputs) included, against central differences. Catches a hand-written backward
+    that is wrong (MaskedMatmul) and a path that stops passing gradient (say, the hybrid's mixing of
+    the attention output), which leave every output unchanged."""
+    model = tiny_model(variant, vocab_size=7, block_size=4, n_layer=1, n_embd=8, n_head=2).double()
+    names, params = zip(*[(name, p.detach().requires_grad_()) for name, p in model.named_parameters()])
+    idx = torch.randint(0, 7, (2, 4), generator=torch.Generator().manual_seed(0))
+
+    def loss(*values):
+        return torch.func.functional_call(model, dict(zip(names, values)), (idx, idx))[1]
+
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
+    """The training modes of a CPU with native bf16 (autocast, optionally torch.compile): earlier outputs
+    are exactly blind to a later token, and masked mixing weights get exactly zero gradient."""
+    model = tiny_model(arch).train()
+    run = torch.compile(model) if compiled else model
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    changed = idx.clone()
+    changed[:, 5] = (idx[:, 5] + 1) % 256
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = run(idx, idx)
+        loss.backward()
+        with torch.no_grad():
+            logits_changed, _ = run(changed, changed)
+    assert logits.dtype == torch.bfloat16  # autocast was in effect
+    assert torch.equal(logits[:, :5], logits_changed[:, :5]), "a later token changed an earlier output"
+    assert (logits[:, 5:] != logits_changed[:, 5:]).any(-1).all()
+    above = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)
+    for m in (m for m in model.modules() if isinstance(m, MaskedMixing)):
+        assert torch.count_nonzero(m.weight.grad[:, above]) == 0
+        assert torch.count_nonzero(m.weight.grad[:, ~above]) > 0.9 * (~above).sum() * m.weight.size(0)
+
+
+def test_compiled_model_with_the_generation_cache_equals_eager():
+    """The hybrid holds both caches (mixer inputs and attention K/V)."""
+    model = tiny_model("hybrid")
+    compiled = torch.compile(model)
+    idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    cache = {}
+    with torch.no_grad():
+        full, _ = model(idx)
+        steps = [compiled(idx[:, :5], cache=cache)[0]] + [compiled(idx[:, t : t + 1], cache=cache)[0] for t in (5, 6, 7)]
+        uncached, _ = compiled(idx)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert torch.allclose(uncached, full, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["transformer", "hybrid"])
@@ -312,6 +367,25 @@ def test_each_input_format_gives_the_same_stories(tmp_path, gpt2):
             assert pairs == [{"summary": m, "story": s} for s, m in zip(STORIES, SUMMARIES)], name
 
 
+def test_the_split_is_the_same_in_every_process(tmp_path, gpt2):
+    """A story's side depends on its text alone: two processes with different hash salts (Python's
+    hash() is salted per process) write byte-identical files, whose split agrees with this process's."""
+    stories = [f"Story {i}: the {['cat', 'dog', 'fox'][i % 3]} ran home." for i in range(300)]
+    summaries = [f"A short summary {i}." for i in range(300)]
+    write_text(tmp_path / "in.txt", instruct_txt(stories, summaries))
+    outputs = []
+    for salt in ("1", "2"):
+        out = tmp_path / f"out{salt}"
+        subprocess.run([sys.executable, "data_prep.py", "--input", str(tmp_path / "in.txt"), "--out_dir", str(out),
+                        "--val_fraction", "0.3", "--vocab_size", "512"], cwd=HERE, check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": salt})
+        outputs.append({f.name: f.read_bytes() for f in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1] and {"train.bin", "val.bin", "pairs_train.jsonl", "pairs_val.jsonl"} <= set(outputs[0])
+    val = decoded_stories(tmp_path / "out1", "val", gpt2)
+    assert [v.strip() for v in val] == [s for s in stories if data_prep.is_val(s, 0.3)]
+    assert 50 < len(val) < 130
+
+
 def test_pairs_split_keeps_each_story_on_one_side(tmp_path):
     stories = [f"Story number {i} is about a frog." for i in range(300)]
     summaries = [f"Frog {i}." for i in range(300)]
@@ -497,7 +571,7 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(prepared, tmp_path
     interrupted = subprocess.Popen([sys.executable, "train.py", *args, "--out_dir", str(tmp_path / "cut")],
                                    cwd=HERE, stdout=subprocess.PIPE, text=True)
     for line in interrupted.stdout:
-        if line.startswith("step 20:"):
+        if line.startswith("step 20/"):
             interrupted.send_signal(signal.SIGINT)
             break
     rest = interrupted.communicate(timeout=120)[0]
@@ -547,6 +621,33 @@ def test_decay_starts_at_the_peak_when_warmup_ends_and_ends_at_the_minimum(sched
     assert train.lr_at(1.0, 5000, 0.3, args) == pytest.approx(1e-4)
     lrs = [train.lr_at(p, 100 + i, 0.3, args) for i, p in enumerate(np.linspace(0.3, 1.2, 50))]
     assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1e-4)
+
+
+def printed_lrs(out):
+    return [float(lr) for lr in re.findall(r"^step \d+: loss [\d.]+, lr ([\d.e+-]+)", out, re.M)]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_every_step_follows_warmup_then_the_schedule(schedule, prepared, tmp_path, capsys):
+    """The lr of every training step, as train.py prints it: a linear ramp from lr/warmup_iters over
+    the first warmup_iters steps, then the schedule down to min_lr at the end of the budget."""
+    lr, low, warmup = 1e-3, 1e-4, 4
+    flags = ["--data_dir", prepared, *TINY_RUN, "--lr", lr, "--min_lr_ratio", 0.1, "--warmup_iters", warmup,
+             "--lr_schedule", schedule, "--log_interval", 1, "--eval_interval", 1000]
+    run_train(*flags, "--max_iters", 12, "--out_dir", tmp_path / "steps")
+    by_steps = printed_lrs(capsys.readouterr().out)
+    decay = [(s / 12 - warmup / 12) / (1 - warmup / 12) for s in range(warmup, 12)]  # progress past warmup
+    after = {"cosine": [low + 0.5 * (lr - low) * (1 + math.cos(math.pi * d)) for d in decay],
+             "linear": [lr - (lr - low) * d for d in decay], "constant": [lr] * len(decay)}[schedule]
+    assert by_steps == pytest.approx([lr * k / warmup for k in range(1, warmup + 1)] + after, rel=6e-3)
+    # a time budget: the same ramp, then a non-increasing lr that reaches about min_lr when time is up
+    run_train(*flags, "--max_iters", 10**6, "--max_minutes", 0.03, "--out_dir", tmp_path / "minutes")
+    by_time = printed_lrs(capsys.readouterr().out)
+    assert len(by_time) > 2 * warmup
+    assert by_time[:warmup] == pytest.approx([lr * k / warmup for k in range(1, warmup + 1)], rel=6e-3)
+    assert all(a >= b for a, b in zip(by_time[warmup - 1 :], by_time[warmup:]))
+    if schedule != "constant":
+        assert by_time[-1] < low + 0.2 * (lr - low)
 
 
 def test_keep_every_snapshots_and_the_layout_stays_on_resume(prepared, tmp_path, capsys):
@@ -841,6 +942,19 @@ def test_hamming_by_hand():
     assert represent.hamming(logits, tokens, k=1) == pytest.approx(2 / 3)
 
 
+def test_decoding_uses_the_pseudo_inverse_of_the_embedding():
+    """A non-orthogonal embedding where the two decodings differ: token 0 is e1, tokens 1..7 are 2 e1
+    plus a little of their own direction. Exact embeddings decode exactly through pinv(W) (W has full
+    row rank), while the nearest embedding by dot product would rank token 0 last for its own vector."""
+    embedding = torch.zeros(8, 10)
+    embedding[:, 0] = torch.tensor([1.0] + [2.0] * 7)
+    embedding[1:, 1:8] = 0.3 * torch.eye(7)
+    tokens = torch.arange(8).repeat(3).view(3, 8)
+    exact = embedding[tokens]  # [3, 8, 10]
+    assert represent.hamming(represent.decode(exact, embedding), tokens, k=1) == 0.0
+    assert represent.hamming(exact @ embedding.T, tokens) > 0.1  # the transpose misses token 0 even in the top 5
+
+
 class Constant(torch.nn.Module):
     """A block whose output ignores its input."""
 
@@ -873,6 +987,115 @@ def test_represent_command_line(capsys):
     assert [(r["model"], r["arch"], r["steps"]) for r in rows] == [("untrained mixer", "mixer", 20),
                                                                  ("untrained transformer", "transformer", 20)]
     assert all(0.0 <= r["hamming"] <= 1.0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------- mixing.py
+
+import mixing  # noqa: E402
+
+
+def test_mixing_statistics_by_hand():
+    T = 8
+    identity = torch.eye(T, dtype=torch.double)
+    assert mixing.statistics(identity) == {"diagonal_mass": 1.0, "look_back": 0.0, "toeplitz": 1.0, "effective_rank": T}
+    uniform = torch.ones(T, T, dtype=torch.double).tril()  # row i averages positions 0..i: look-back i / 2
+    stats = mixing.statistics(uniform)
+    assert stats["diagonal_mass"] == pytest.approx(T / (T * (T + 1) / 2))
+    assert stats["look_back"] == pytest.approx(sum(i / 2 for i in range(T)) / T)
+    assert stats["toeplitz"] == 1.0
+    kernel = torch.tensor([1.0, -0.5, 0.3, 0.8, -0.2, 0.1, 0.05, 0.4], dtype=torch.double)
+    toeplitz = kernel[(torch.arange(T).unsqueeze(1) - torch.arange(T)).clamp(min=0)].tril()  # W[i, j] = kernel[i - j]
+    assert mixing.toeplitz_score(toeplitz) == pytest.approx(1.0)
+    assert mixing.kernel_profile(toeplitz).tolist() == pytest.approx(kernel.tolist())
+    random = torch.randn(T, T, dtype=torch.double, generator=torch.Generator().manual_seed(0))
+    assert mixing.toeplitz_score(random) < 0.5
+    low_rank = torch.zeros(T, T, dtype=torch.double)
+    low_rank[:, 0] = 1.0  # every position copies position 0: rank 1
+    assert mixing.effective_rank(low_rank) == 1 and mixing.look_back(low_rank) == pytest.approx(sum(range(T)) / T)
+
+
+def test_shown_mixing_matrix_is_the_one_the_forward_pass_applies():
+    model = tiny_model("mixer", n_layer=1)
+    block = model.blocks[0]
+    x = torch.randn(2, 16, 32)
+    (_, _, shown), = mixing.mixing_matrices(model)
+    with torch.no_grad():
+        applied = block.mix(x) - block.mix.bias[0]  # the flat mixer: y = tril(W) x + b
+        assert torch.allclose(applied, shown @ x, atol=1e-5)
+        block.mix.weight[0, 2, 9] += 5.0  # above the diagonal: masked
+    assert torch.equal(mixing.mixing_matrices(model)[0][2], shown)
+    with torch.no_grad():
+        block.mix.weight[0, 9, 2] += 5.0  # below: applied, and shown
+    assert mixing.mixing_matrices(model)[0][2][9, 2] == shown[9, 2] + 5.0
+
+
+@pytest.mark.parametrize("arch", ["transformer", "hybrid"])
+def test_averaged_attention_rows_sum_to_one_and_are_causal(arch):
+    model = tiny_model(arch)
+    maps = mixing.averaged_attention(model, torch.randint(0, 256, (3, 16)))
+    assert [(layer, head) for layer, head, _ in maps] == [(l, h) for l in (1, 2) for h in range(4)]
+    for _, _, probs in maps:
+        assert torch.allclose(probs.sum(-1), torch.ones(16), atol=1e-5)
+        assert torch.count_nonzero(probs.triu(1)) == 0
+        assert not torch.allclose(probs, probs.tril().bool().float() / probs.tril().bool().sum(-1, keepdim=True))
+
+
+def test_mixing_command_line(prepared, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    mixing.main(["--init", "mixer", "hybrid", "--n_layer", "2", "--n_embd", "32", "--block_size", "16",
+                 "--data_dir", str(prepared), "--n", "4", "--json", "--out", str(tmp_path / "m.png")])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["model"], r["kind"], r["layer"]) for r in rows if r["head"] == 0] == [
+        ("untrained mixer", "mixing", 1), ("untrained mixer", "mixing", 2), ("untrained hybrid", "mixing", 1),
+        ("untrained hybrid", "mixing", 2), ("untrained hybrid", "attention", 1), ("untrained hybrid", "attention", 2)]
+    for r in rows:
+        if r["kind"] == "mixing":  # the identity init
+            assert (r["diagonal_mass"], r["look_back"], r["effective_rank"]) == (1.0, 0.0, 16)
+    for name in ("m.png", "m_profile.png", "m_attention.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------- recall.py
+
+import recall  # noqa: E402
+
+
+def test_mqar_pairs_queries_and_targets():
+    inputs, targets = recall.mqar(200, 32, 4, 64, power_a=0.01, seed=0)
+    assert inputs.shape == targets.shape == (200, 32) and 0 <= inputs.min() and inputs.max() < 64
+    for x, y in zip(inputs.tolist(), targets.tolist()):
+        keys, values = x[0:8:2], x[1:8:2]
+        assert len(set(keys)) == 4 and len(set(values)) == 4
+        assert max(keys) < 32 <= min(values)  # disjoint halves of the vocabulary
+        asked = [t for t, target in enumerate(y) if target != -1]
+        assert len(asked) == 4 and all(t >= 8 for t in asked)  # every key asked once, after the pairs
+        for t in asked:  # the query key's value: the next input token and the only scored target
+            assert y[t] == values[keys.index(x[t])] == x[t + 1]
+    again, _ = recall.mqar(200, 32, 4, 64, power_a=0.01, seed=0)
+    other, _ = recall.mqar(200, 32, 4, 64, power_a=0.01, seed=1)
+    assert torch.equal(again, inputs) and not torch.equal(other, inputs)
+
+
+def test_recall_accuracy_by_hand():
+    targets = torch.tensor([[-1, 5, -1, 7], [-1, -1, 6, -1]])
+    logits = torch.zeros(2, 4, 8)
+    logits[0, 1, 5] = logits[0, 3, 2] = logits[1, 2, 6] = 1.0  # right, wrong, right
+    logits[0, 0, 3] = logits[1, 0, 4] = 9.0  # unscored positions: whatever they predict does not count
+    assert recall.recall_accuracy(logits, targets) == pytest.approx(2 / 3)
+
+
+def test_a_transformer_learns_a_tiny_recall_task(tmp_path, capsys):
+    argv = ["--archs", "transformer", "--settings", "16:2", "--widths", "64", "--lrs", "3e-3", "--steps", "300",
+            "--vocab_size", "64", "--n_train", "4000", "--n_test", "300", "--eval_interval", "100",
+            "--out_dir", str(tmp_path)]
+    recall.main(argv)
+    (result,) = recall.read_done(tmp_path / "results.jsonl")
+    assert result["test"] > 0.9 and [step for step, _ in result["curve"]] == [0, 100, 200, 300]
+    assert result["curve"][0][1] < 0.2  # it learned it: chance is 1/32
+    assert re.search(r"^\| transformer \| 16 \| 2 \| 64 \| 0.003 \| \*\*0\.9\d\d\*\*", (tmp_path / "results.md").read_text(), re.M)
+    capsys.readouterr()
+    recall.main(argv)  # again: the finished run is read back, not retrained
+    assert "lr 0.003: done already: val" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ every entry point: bad inputs
@@ -924,7 +1147,8 @@ def run_main(module):
 
 ENTRY_POINTS = {name: run_main(module) for name, module in
                 {"data_prep": data_prep, "train": train, "sample": sample, "retrieve": retrieve,
-                 "represent": represent, "compare": compare, "bench": bench}.items()}
+                 "represent": represent, "compare": compare, "bench": bench, "mixing": mixing,
+                 "recall": recall}.items()}
 PREP = ("--out_dir", "{ws}/prep_out")
 TRAIN = ("--data_dir", "{ws}/data", "--out_dir", "{ws}/new_run")
 CKPT = "{ws}/run/ckpt.pt"
@@ -1015,6 +1239,28 @@ BAD_INPUTS = [
     ("compare", ["--lr", "-1"], "not a number > 0"),
     ("compare", ["--out_dir", "{ws}/afile"], "is a file, not a folder"),
     ("compare", ["--data_dir", "{ws}/nothing", "--out_dir", "{ws}/cmp"], "run python data_prep.py"),
+    ("compare", ["--sweep", "bogus=1,2", "--out_dir", "{ws}/cmp"], "bogus: not a train.py flag"),
+    ("compare", ["--sweep", "compile=1,2", "--out_dir", "{ws}/cmp"], "compile: not a train.py flag that takes a value"),
+    ("compare", ["--sweep", "lr=1e-3,,1e-2", "--out_dir", "{ws}/cmp"], "an empty value"),
+    ("compare", ["--sweep", "lr", "--out_dir", "{ws}/cmp"], "write FLAG=V1,V2"),
+    ("compare", ["--sweep", "lr=abc", "--out_dir", "{ws}/cmp"], "lr=abc: 'abc' is not a number"),
+    ("compare", ["--sweep", "n_layer=2,x", "--out_dir", "{ws}/cmp"], "n_layer=x"),
+    ("compare", ["--sweep", "layout=rows", "--out_dir", "{ws}/cmp"], "choose from packed, stories"),
+    ("compare", ["--sweep", "seed=1,2", "--out_dir", "{ws}/cmp"], "sets --seed itself"),
+    ("compare", ["--sweep", "lr=1e-3,3e-3", "--lr", "1e-3", "--out_dir", "{ws}/cmp"], "given twice"),
+    ("compare", ["--sweep", "lr=1e-3,1e-3", "--out_dir", "{ws}/cmp"], "listed twice"),
+    ("recall", ["--settings", "16:5", "--out_dir", "{ws}/rc"], "5 pairs do not fit a sequence of 16"),
+    ("recall", ["--settings", "64:4", "--vocab_size", "6", "--out_dir", "{ws}/rc"], "too small for 4 pairs"),
+    ("recall", ["--settings", "64", "--out_dir", "{ws}/rc"], "not SEQ_LEN:PAIRS"),
+    ("recall", ["--widths", "30", "--out_dir", "{ws}/rc"], "not divisible by 2 heads"),
+    ("recall", ["--steps", "0", "--out_dir", "{ws}/rc"], "not a positive integer"),
+    ("mixing", [], "nothing to show"),
+    ("mixing", ["--ckpt", "{ws}/missing.pt"], "checkpoint not found"),
+    ("mixing", ["--ckpt", CKPT, "--show", "attention"], "no attention to show"),
+    ("mixing", ["--init", "transformer", "--show", "mixing"], "no mixing to show"),
+    ("mixing", ["--init", "hybrid"], "give --data_dir"),
+    ("mixing", ["--init", "transformer", "--vocab_size", "300", "--data_dir", "{ws}/data", "--n", "2", "--length", "8"],
+     "knows 300"),
 ]
 
 
@@ -1063,6 +1309,89 @@ def test_progress_lines_use_carriage_returns_only_on_a_terminal(tty):
     progress.done("done")
     expected = "\rstep 1\rstep 2\rdone  \n" if tty else "step 1\nstep 2\ndone\n"
     assert stream.getvalue() == expected
+
+
+def test_cost_line_and_eta(prepared, tmp_path, capsys):
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 30, "--eval_interval", 15)
+    out = capsys.readouterr().out
+    assert re.search(r"^cost: [\d,]+ ms/step, so 30 steps = 2\d more steps \([\d.]+M tokens\) in \w+, plus 2 evals of "
+                     r"\w+: about \w+ in all$", out, re.M), out
+    assert re.findall(r"^step (\d+)/30: loss [\d.]+, lr [\d.e-]+, \d+ ms/step, (\w+) left$", out, re.M)[-1][0] == "30"
+
+
+def test_cost_of_a_long_cpu_run_names_a_run_of_minutes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    args = argparse.Namespace(max_iters=5000, max_minutes=None, eval_interval=250)
+    # the issue's laptop: 15 s a step, a 5-minute eval
+    lines = train.cost_lines(args, 3, 45.0, 15.0, 300.0, 8192, torch.device("cpu"), "transformer")
+    assert lines[0].startswith("cost: 15,000 ms/step, so 5,000 steps = 4,997 more steps (40.9M tokens) in 20h49m, "
+                               "plus 20 evals of 5m00s: about 22h29m in all")
+    assert "--arch transformer" in lines[1] and "--max_minutes 10" in lines[1] and f"--lr {train.CPU_LR['transformer']:g}" in lines[1]
+    args.max_minutes = 5  # a time budget that ends first
+    lines = train.cost_lines(args, 3, 45.0, 0.1, 2.0, 8192, torch.device("cpu"), "mixer")
+    assert lines == ["cost: 100 ms/step, so --max_minutes 5 = 2,550 more steps (20.9M tokens) in 4m15s, plus 11 evals "
+                     "of 2s: about 4m37s in all"]
+
+
+def test_eval_batches_hold_the_eval_tokens_and_stay_on_resume(prepared, tmp_path, capsys):
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, *[a for a in TINY_RUN if a not in ("--eval_iters", 5)],
+              "--max_iters", 4, "--eval_interval", 2, "--eval_tokens", 5000)
+    assert "evals of 5 batches per split" in capsys.readouterr().out  # 5000 / (16 x 64) = 4.9
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["train_args"]["eval_iters"] == 5
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, "--max_iters", 6, "--resume")
+    assert "evals of 5 batches per split" in capsys.readouterr().out
+
+
+def start_training(*argv, code=None):
+    """train.py in a subprocess (or `code`, which calls train.main), its stdout line by line."""
+    command = ["-c", code] if code else ["train.py"]
+    return subprocess.Popen([sys.executable, *command, *map(str, argv)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_ctrl_c_during_a_long_eval_saves_and_exits_within_seconds(prepared, tmp_path):
+    proc = start_training("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--eval_iters", 100000)
+    assert proc.stdout.readline().startswith("mixer:")  # the step-0 eval (minutes long) begins
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    started = time.time()
+    rest = proc.communicate(timeout=60)[0]
+    assert time.time() - started < 15 and proc.returncode == 0, rest
+    assert "interrupted at step 0: saved" in rest
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 0
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, "--resume", "--max_iters", 3, "--eval_iters", 1)
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+
+
+SLOW_SAVE = """import sys, time, train
+save = train.atomic_save
+def slow_save(obj, path):
+    print("saving", flush=True)
+    time.sleep(120)
+    save(obj, path)
+train.atomic_save = slow_save
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint(prepared, tmp_path):
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 5, "--eval_interval", 5)
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    proc = start_training("--data_dir", prepared, "--out_dir", tmp_path, "--resume", "--max_iters", 10**6,
+                          "--eval_interval", 10**6, "--log_interval", 1, code=SLOW_SAVE)
+    for line in proc.stdout:
+        if line.startswith("step 7/"):
+            proc.send_signal(signal.SIGINT)  # the first: stop and save (a save that takes minutes here)
+        if line.startswith("saving"):
+            break
+    proc.send_signal(signal.SIGINT)  # the second, during the save
+    started = time.time()
+    rest = proc.communicate(timeout=60)[0]
+    assert time.time() - started < 10 and proc.returncode == 130, rest
+    assert "second Ctrl-C" in rest
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
 
 
 def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes(prepared, tmp_path):

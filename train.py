@@ -28,13 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import HelpFormatter, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run, unit_interval
+from cli import HelpFormatter, Progress, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run, unit_interval
 from mixer import ARCHS, Config, Model
 
 LOG_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"]
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
               "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
+# The best lr of each arch at the README's CPU settings (compare.py --sweep, T = 128, packed rows)
+CPU_LR = {"mixer": 1e-2, "transformer": 3e-3, "hybrid": 3e-3}
 
 
 class TrainError(UserError):
@@ -181,21 +183,77 @@ def lr_at(progress, step, warmup_end, args):
 
 
 @torch.no_grad()
-def evaluate(model, splits, args, device, ctx):
+def evaluate(model, splits, args, device, ctx, stop=None, status=None):
     """Mean loss on the same eval_iters batches of each split every time (a fixed seed, the training
-    layout): evals are comparable across steps, runs and resumes."""
+    layout): evals are comparable across steps, runs and resumes. None when Ctrl-C came during it."""
     model.eval()
-    losses = {}
-    for name, split in splits.items():
+    losses, started, batches = {}, time.time(), len(splits) * args.eval_iters
+    for n_split, (name, split) in enumerate(splits.items()):
         rng = np.random.default_rng(args.seed + 1)
         total = 0.0
-        for _ in range(args.eval_iters):
+        for i in range(args.eval_iters):
+            if stop is not None and stop.set:
+                model.train()
+                return None
             x, y = get_batch(split, model.config.block_size, args.batch_size, rng, device)
             with ctx:
                 total += model(x, y)[1].item()
+            if status is not None:
+                status.update(f"eval: batch {n_split * args.eval_iters + i + 1}/{batches} ({time.time() - started:.0f}s)")
         losses[name] = total / args.eval_iters
     model.train()
     return losses
+
+
+def default_eval_iters(args, device, block_size):
+    """--eval_iters when given, else the batches that hold --eval_tokens (by default 409,600 tokens
+    per split on a GPU, 32,768 on a CPU, where a forward pass is ~100x slower). Fixed for a run and
+    kept on --resume, so its evals stay comparable."""
+    if args.eval_iters:
+        return args.eval_iters
+    tokens = args.eval_tokens or (32_768 if device.type == "cpu" else 409_600)
+    return max(1, round(tokens / (args.batch_size * block_size)))
+
+
+# ---------------------------------------------------------------------------------------- cost and ETA
+
+def duration(seconds):
+    """12s, 8m32s, 21h06m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def time_left(args, step, trained_s, step_s, eval_s):
+    """(seconds of training left, evals left): the step or time budget, whichever ends first."""
+    train_s = (args.max_iters - step) * step_s
+    if args.max_minutes:
+        train_s = min(train_s, max(args.max_minutes * 60 - trained_s, 0.0))
+    evals = int(train_s / step_s) // args.eval_interval + 1  # the periodic ones and the final one
+    return train_s, evals
+
+
+def cost_lines(args, step, trained_s, step_s, eval_s, tokens_per_step, device, arch):
+    """What the whole run will cost at the measured pace, and on a CPU-only machine where that is
+    more than an hour, a command of the README's CPU settings that finishes in minutes."""
+    train_s, evals = time_left(args, step, trained_s, step_s, eval_s)
+    budget = f"--max_minutes {args.max_minutes:g}" if args.max_minutes and train_s < (args.max_iters - step) * step_s \
+        else f"{args.max_iters:,} steps"
+    steps = int(train_s / step_s)
+    lines = [f"cost: {step_s * 1000:,.0f} ms/step, so {budget} = {steps:,} more steps ({steps * tokens_per_step / 1e6:,.1f}M "
+             f"tokens) in {duration(train_s)}, plus {evals} evals of {duration(eval_s)}: about "
+             f"{duration(train_s + evals * eval_s)} in all"]
+    cpu_only = device.type == "cpu" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    if cpu_only and train_s + evals * eval_s > 3600:
+        lr = CPU_LR[arch]
+        lines.append("no GPU here: for a run of minutes on this CPU use the README's CPU settings, e.g. "
+                     "python data_prep.py --vocab_size 8192 --out_dir data/tinystories8192 && python train.py "
+                     f"--arch {arch} --data_dir data/tinystories8192 --n_layer 4 --n_embd 128 --block_size 128 "
+                     f"--batch_size 16 --lr {lr:g} --warmup_iters 100 --max_minutes 10 --compile")
+    return lines
 
 
 def atomic_save(obj, path):
@@ -279,8 +337,9 @@ def resolve_config(args, meta, ckpt):
 
 
 class StopFlag:
-    """Set by Ctrl-C (SIGINT/SIGTERM) while active; the loop stops between steps, so the saved state
-    is consistent. The previous handlers come back on exit."""
+    """Set by Ctrl-C (SIGINT/SIGTERM) while active; the loop stops between steps (or between eval
+    batches), so the saved state is consistent. A second Ctrl-C exits at once: ckpt.pt is then the
+    last one written, whole (writes are atomic). The previous handlers come back on exit."""
 
     def __enter__(self):
         self.set = False
@@ -288,7 +347,11 @@ class StopFlag:
         return self
 
     def handle(self, signum, frame):
-        self.set = True
+        if self.set:
+            os.write(2, b"\nsecond Ctrl-C: exiting now; the last checkpoint written stays as it is\n")
+            os._exit(130)
+        self.set = True  # os.write, not print: a handler that prints while the loop prints can raise
+        os.write(2, b"\nCtrl-C: saving the last completed step, then exiting (Ctrl-C again to exit at once)\n")
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -351,6 +414,9 @@ def train(args):
     ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
     splits, meta = load_data(args.data_dir, layout)
     config = resolve_config(args, meta, ckpt)
+    if ckpt is not None and not args.eval_iters:
+        args.eval_iters = ckpt["train_args"].get("eval_iters")  # the run's own eval batches
+    args.eval_iters = default_eval_iters(args, device, config.block_size)
 
     # Per-rank seeds: each DDP rank draws its own windows and dropout masks (DDP copies rank 0's
     # initial weights to the others, so the init still agrees).
@@ -374,7 +440,8 @@ def train(args):
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(f"{config.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
-              f"device {device}, {dtype}, layout {layout}" + (f", resuming at step {step}" if ckpt else ""))
+              f"device {device}, {dtype}, layout {layout}, evals of {args.eval_iters} batches per split"
+              + (f", resuming at step {step}" if ckpt else ""))
         if layout == "stories":
             pad = padding_fraction(splits["train"], config.block_size, np.random.default_rng(0))
             print(f"stories layout: {len(splits['train'].starts):,} train stories; {pad:.0%} of the positions "
@@ -398,17 +465,26 @@ def train(args):
     def next_batch():
         return get_batch(splits["train"], config.block_size, args.batch_size, rng, device)
 
-    peak, window_start, window_steps, last_log = peak_flops(device), time.time(), 0, time.time()
-    compile_pending = args.compile
+    def of_budget():  # "/5000" or " (1.2/5 min)" after the step number
+        if args.max_minutes and args.max_minutes * 60 / max(step_s, 1e-9) < args.max_iters - step:
+            return f" ({(elapsed + time.time() - window_start) / 60:.1f}/{args.max_minutes:g} min)"
+        return f"/{args.max_iters}"
+
+    peak, window_start, window_steps = peak_flops(device), time.time(), 0
+    compile_pending, costed = args.compile, False
+    status = Progress(log_every=30, quiet_first=True)  # step and eval progress between the loss lines
+    step_s, eval_s, last_line, last_line_step, loss_value = None, 0.0, time.time(), step, None
     with StopFlag() as stop:
         while True:
             if warmup_end is None and step >= args.warmup_iters:
                 warmup_end = progress()
-            finished = progress() >= 1.0 or stop.set
+            finished, interrupted = progress() >= 1.0, stop.set
             if world > 1:  # every rank must agree to stop, or the others would wait forever
-                flag = torch.tensor(float(finished), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                finished = bool(flag.item())
+                flags = torch.tensor([float(finished), float(interrupted)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                finished, interrupted = bool(flags[0].item()), bool(flags[1].item())
+            if interrupted:
+                break
             if args.keep_every and step % args.keep_every == 0:
                 paused = time.time()
                 st = state()
@@ -421,17 +497,24 @@ def train(args):
                 window_time = time.time() - window_start
                 elapsed += window_time
                 tokens_per_s = window_steps * tokens_per_step / window_time if window_steps else None
-                losses = evaluate(raw_model, splits, args, device, ctx)
+                eval_start = time.time()
+                losses = evaluate(raw_model, splits, args, device, ctx, stop, status if master else None)
+                window_start, window_steps = time.time(), 0
+                if losses is None:  # Ctrl-C during the eval: stop without it
+                    continue
+                eval_s = time.time() - eval_start
                 if not math.isfinite(losses["val"]):
                     raise diverged(f"val loss is {losses['val']}", step, ckpt_path)
                 improved, best_val = losses["val"] < best_val, min(best_val, losses["val"])
                 st = state()
                 if master:
+                    status.clear()
                     log_eval(log_path, step, step * tokens_per_step, losses, lr_at(progress(), step, warmup_end, args),
                              tokens_per_s, raw_model, peak, device, elapsed)
                     if improved or finished:
                         save_checkpoint(ckpt_path, raw_model, optimizer, st)
-                window_start, window_steps = time.time(), 0
+                window_start = time.time()
+                last_line, last_line_step = time.time(), step  # the eval is not step time
             if finished:
                 break
             lr = lr_at(progress(), step, warmup_end, args)
@@ -443,22 +526,42 @@ def train(args):
                     torch.cuda.synchronize()
                 compile_pending, compile_s = False, time.time() - started
                 window_start += compile_s  # not training time: budgets stay equal between archs
+                last_line, last_line_step = time.time(), step
                 if master:
+                    status.clear()
                     print(f"compile: the first step took {compile_s:.1f}s (graph capture and compilation), "
                           "not counted in the time budget or tokens/s")
-            else:
-                window_steps += 1
-            if step % args.log_interval == 0:
-                loss_value = loss.item()  # a sync: only every log_interval steps
+                continue
+            window_steps += 1
+            step_s = (time.time() - last_line) / max(step - last_line_step, 1)  # this window's pace
+            trained_s = elapsed + time.time() - window_start
+            if not costed and (window_steps >= 3 or time.time() - last_line >= 20):
+                costed = True  # the first few timed steps: say what the whole run will cost
+                if master:
+                    status.clear()
+                    print("\n".join(cost_lines(args, step, trained_s, step_s, eval_s, tokens_per_step, device,
+                                               config.arch)), flush=True)
+            train_left, evals_left = time_left(args, step, trained_s, step_s, eval_s)
+            eta = f"{duration(train_left + evals_left * eval_s)} left"
+            if step % args.log_interval == 0 or time.time() - last_line >= 30:
+                loss_value = loss.item()  # a sync: only every log_interval steps (or 30 s)
                 if not math.isfinite(loss_value):
                     raise diverged(f"loss is {loss_value}", step, ckpt_path)
-                ms_per_step, last_log = (time.time() - last_log) * 1000 / args.log_interval, time.time()
                 if master:
-                    print(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, {ms_per_step:.0f} ms/step")
-    if master:
-        why = "interrupted" if stop.set else "done"
-        print(f"{why} at step {step}: best val loss {best_val:.4f}; saved {ckpt_path}"
-              + (" (continue with --resume)" if stop.set else ""))
+                    status.done(f"step {step}{of_budget()}: loss {loss_value:.4f}, lr {lr:.2e}, "
+                                f"{step_s * 1000:.0f} ms/step, {eta}")
+                last_line, last_line_step = time.time(), step
+            elif master:
+                status.update(f"step {step}{of_budget()}: {step_s * 1000:.0f} ms/step, {eta}")
+    if stop.set:  # Ctrl-C: keep the last completed step, without an eval on the way out
+        elapsed += time.time() - window_start
+        st = state()
+        if master:
+            status.clear()
+            save_checkpoint(ckpt_path, raw_model, optimizer, st)
+            print(f"interrupted at step {step}: saved {ckpt_path} (continue with --resume); best val loss {best_val:.4f}")
+    elif master:
+        print(f"done at step {step}: best val loss {best_val:.4f}; saved {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
     return {"out_dir": out_dir, "step": step, "best_val": best_val, "interrupted": stop.set}
@@ -545,7 +648,11 @@ def build_parser():
     t.add_argument("--weight_decay", type=nonneg_float, default=0.1)
     t.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max gradient norm; 0 disables")
     t.add_argument("--eval_interval", type=positive_int, default=250, help="steps between evals (and checkpoints)")
-    t.add_argument("--eval_iters", type=positive_int, default=50, help="batches per eval")
+    t.add_argument("--eval_iters", type=positive_int, help="batches per split in each eval (default: the batches that "
+                                                            "hold --eval_tokens; kept on --resume)")
+    t.add_argument("--eval_tokens", type=positive_int, help="tokens per split in each eval when --eval_iters is not "
+                                                             "given: default 409,600 on a GPU (50 batches of 16 x 512), "
+                                                             "32,768 on a CPU, so that an eval takes seconds, not minutes")
     t.add_argument("--log_interval", type=positive_int, default=10, help="steps between loss lines")
     t.add_argument("--keep_every", type=positive_int, help="also keep ckpt_stepN.pt every N steps (step 0 included)")
     t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
