@@ -29,7 +29,7 @@ import torch
 
 from cli import HelpFormatter, UserError, positive_int, run
 from mixer import ARCHS, Config, Model
-from train import autocast, peak_flops, pick_device
+from train import add_dtype_flag, autocast, peak_flops, pick_device
 
 GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
@@ -269,7 +269,7 @@ def parse_args(argv):
                                    "other tables)")
     p.add_argument("--repeats", type=positive_int, default=3, help="--modes: interleaved rounds (speed-up spread)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_dtype_flag(p)
     p.add_argument("--gen_lengths", default="128,512", help="context lengths for the generation benchmark ('' skips)")
     p.add_argument("--sweep_block_size", help="comma-separated block sizes: training tokens/s (or memory) per arch")
     args = p.parse_args(argv)

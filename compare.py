@@ -214,7 +214,7 @@ def ranking(final_val):
 
 def machine():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
 def setting_line(result, swept=()):

@@ -50,6 +50,9 @@ class Config:
         for heads in ("n_head", "mixer_heads"):
             if self.n_embd % getattr(self, heads):
                 raise ValueError(f"n_embd={self.n_embd} is not divisible by {heads}={getattr(self, heads)}")
+        if self.arch != "mixer" and self.n_embd // self.n_head % 2:
+            raise ValueError(f"attention heads of n_embd / n_head = {self.n_embd // self.n_head} dimensions: RoPE "
+                             "rotates pairs of dimensions, so it must be even")
 
 
 # Generation cache: one dict for the whole model, each module storing its past [B, h, t, dh]

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from cli import HelpFormatter, UserError, positive_int, run
-from mixer import ARCHS, Attention, MaskedMixing, attention_probs, masked
-from represent import models_to_test, story_inputs
+from mixer import Attention, MaskedMixing, attention_probs, masked
+from represent import add_model_flags, models_to_test, story_inputs
 
 RANK_TOL = 1e-2  # relative to the largest singular value
 
@@ -277,8 +277,7 @@ def show(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", nargs="+", help="checkpoints from train.py (shell globs welcome)")
-    p.add_argument("--init", nargs="+", choices=ARCHS, help="untrained models of these archs (the flags below)")
+    add_model_flags(p, n_layer=4, n_embd=128)
     p.add_argument("--show", choices=["mixing", "attention", "both"], default="both",
                    help="mixing matrices, averaged attention maps, or whichever each model has")
     p.add_argument("--data_dir", help="prepared text for the attention maps (the start of val.bin's stories)")
@@ -287,13 +286,6 @@ def main(argv=None):
     p.add_argument("--out", help="PNG of the heatmaps (and OUT_profile.png, OUT_attention.png); needs matplotlib")
     p.add_argument("--json", action="store_true", help="also one JSON object per layer and head after the table")
     p.add_argument("--seed", type=int, default=0, help="for --init weights")
-    init = p.add_argument_group("--init models (mixer.Config)")
-    init.add_argument("--vocab_size", type=positive_int, default=4096)
-    init.add_argument("--block_size", type=positive_int, default=64)
-    init.add_argument("--n_layer", type=positive_int, default=4)
-    init.add_argument("--n_embd", type=positive_int, default=128)
-    init.add_argument("--n_head", type=positive_int, default=4)
-    init.add_argument("--mixer_heads", type=positive_int, default=1)
     run("mixing.py", show, p.parse_args(argv))
 
 

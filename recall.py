@@ -42,7 +42,7 @@ import torch
 
 from cli import HelpFormatter, UserError, positive_float, positive_int, run
 from mixer import ARCHS, Config, Model
-from train import autocast, lr_at, make_optimizer, pick_device, train_step
+from train import add_dtype_flag, autocast, lr_at, make_optimizer, pick_device, train_step
 
 COLOURS = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
 PLATEAU = 0.02  # a curve has flattened when its last quarter gained less than this accuracy
@@ -235,7 +235,7 @@ def write_table(best, args, command):
 def machine(args):
     if torch.cuda.is_available() and args.device != "cpu":
         return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
 
 
 def plot(best, args):
@@ -280,10 +280,11 @@ def plot(best, args):
 def recall(args, command):
     for seq_len, pairs in args.settings:
         check_setting(seq_len, pairs, args.vocab_size)
-    for width in args.widths:
-        for heads in (args.n_head, args.mixer_heads):
-            if width % heads:
-                raise UserError(f"width {width} is not divisible by {heads} heads: choose widths that are")
+    for arch, width in itertools.product(args.archs, args.widths):
+        try:
+            Config(arch=arch, n_embd=width, n_head=args.n_head, mixer_heads=args.mixer_heads, n_layer=args.n_layer)
+        except ValueError as e:
+            raise UserError(f"width {width}: {e}") from None
     if args.eval_interval > args.steps:
         args.eval_interval = args.steps
     device = pick_device(args.device)
@@ -317,8 +318,7 @@ def main(argv=None):
     p.add_argument("--eval_interval", type=positive_int, default=100, help="steps between validation evals")
     p.add_argument("--seed", type=int, default=0, help="data (train seed, val seed + 1, test seed + 2) and init")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="auto: bf16 autocast on GPUs and on CPUs with native bf16, as in train.py")
+    add_dtype_flag(p)
     p.add_argument("--out_dir", default="out-recall")
     args = p.parse_args(argv)
     run("recall.py", lambda a: recall(a, shlex.join(["python", "recall.py", *argv])), args)

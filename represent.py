@@ -26,6 +26,9 @@ mixer's embeddings, which were N(0, 1) (PyTorch's default). Ours start at std 0.
 every arch), as did his Llama baseline's. --scale embedding (the default) measures start, steps and
 nudge in units of the embedding matrix's std s, which is exactly his method when s = 1;
 --scale absolute uses his numbers as they are, whatever the embedding's scale.
+
+Precision: float32 on every machine, not train.py's bf16 autocast, since the recovery tells apart
+outputs that differ by a 0.05 nudge, finer than bf16's three significant digits.
 """
 import argparse
 import json
@@ -203,10 +206,22 @@ def represent(args):
         plot(rows, args.plot)
 
 
+def add_model_flags(parser, n_layer, n_embd):
+    """--ckpt and --init with the settings of untrained models: the models models_to_test yields."""
+    parser.add_argument("--ckpt", nargs="+", help="checkpoints from train.py (shell globs welcome)")
+    parser.add_argument("--init", nargs="+", choices=ARCHS, help="untrained models of these archs (the flags below)")
+    init = parser.add_argument_group("--init models (mixer.Config)")
+    init.add_argument("--vocab_size", type=positive_int, default=4096)
+    init.add_argument("--block_size", type=positive_int, default=64)
+    init.add_argument("--n_layer", type=positive_int, default=n_layer)
+    init.add_argument("--n_embd", type=positive_int, default=n_embd)
+    init.add_argument("--n_head", type=positive_int, default=4)
+    init.add_argument("--mixer_heads", type=positive_int, default=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", nargs="+", help="checkpoints from train.py (shell globs welcome)")
-    p.add_argument("--init", nargs="+", choices=ARCHS, help="untrained models of these archs (the flags below)")
+    add_model_flags(p, n_layer=8, n_embd=256)
     p.add_argument("--data_dir", help="inputs from the start of val.bin's stories (default: random tokens)")
     p.add_argument("--n", type=positive_int, default=10, help="how many texts")
     p.add_argument("--length", type=positive_int, help="tokens per text (default: the model's block_size)")
@@ -217,13 +232,6 @@ def main(argv=None):
                    help="units of start, step sizes and nudge: the embedding's std, or the author's numbers as is")
     p.add_argument("--json", action="store_true", help="also one JSON object per model after the table")
     p.add_argument("--plot", help="a PNG of Hamming distance against training step (needs matplotlib)")
-    init = p.add_argument_group("--init models (mixer.Config)")
-    init.add_argument("--vocab_size", type=positive_int, default=4096)
-    init.add_argument("--block_size", type=positive_int, default=64)
-    init.add_argument("--n_layer", type=positive_int, default=8)
-    init.add_argument("--n_embd", type=positive_int, default=256)
-    init.add_argument("--n_head", type=positive_int, default=4)
-    init.add_argument("--mixer_heads", type=positive_int, default=1)
     args = p.parse_args(argv)
     run("represent.py", represent, args)
 

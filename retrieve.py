@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from cli import HelpFormatter, Progress, UserError, positive_float, positive_int, run
 from data_prep import check_inputs, load_encoding, read_stories
 from mixer import Block, Config
-from train import atomic_save, autocast, load_checkpoint, load_model, pick_device
+from train import add_dtype_flag, atomic_save, autocast, load_checkpoint, load_model, pick_device
 
 
 class RetrievalError(UserError):
@@ -464,9 +464,7 @@ def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False, formatter_class=HelpFormatter)
     common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     common.add_argument("--batch_size", type=positive_int, default=32, help="texts per batch")
-    common.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="model precision (embed, index, search, train --method infonce): auto is bf16 autocast on "
-                             "GPUs and on CPUs with native bf16, else float32, as in train.py")
+    add_dtype_flag(common)  # embed, index, search and train --method infonce
     common.add_argument("--seed", type=int, default=1337, help="for candidate sets and training")
     common.add_argument("--long", choices=["first", "last", "mean"], default="last",
                         help="texts longer than the context: embed the first window, the last, or the mean of all")

@@ -35,8 +35,9 @@ LOG_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
               "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
-# The best lr of each arch at the README's CPU settings (compare.py --sweep, T = 128, packed rows)
-CPU_LR = {"mixer": 1e-2, "transformer": 3e-3, "hybrid": 3e-3}
+# The best lr of each arch at the README's CPU settings (compare.py --sweep, T = 128, packed rows;
+# the hybrid was not swept and gets the transformer's)
+CPU_LR = {"mixer": 3e-2, "transformer": 3e-3, "hybrid": 3e-3}
 
 
 class TrainError(UserError):
@@ -498,7 +499,9 @@ def train(args):
                 elapsed += window_time
                 tokens_per_s = window_steps * tokens_per_step / window_time if window_steps else None
                 eval_start = time.time()
-                losses = evaluate(raw_model, splits, args, device, ctx, stop, status if master else None)
+                # Ctrl-C cuts an eval short in a single process; DDP ranks finish theirs, to stop together
+                losses = evaluate(raw_model, splits, args, device, ctx, stop if world == 1 else None,
+                                  status if master else None)
                 window_start, window_steps = time.time(), 0
                 if losses is None:  # Ctrl-C during the eval: stop without it
                     continue
@@ -553,18 +556,19 @@ def train(args):
                 last_line, last_line_step = time.time(), step
             elif master:
                 status.update(f"step {step}{of_budget()}: {step_s * 1000:.0f} ms/step, {eta}")
-    if stop.set:  # Ctrl-C: keep the last completed step, without an eval on the way out
-        elapsed += time.time() - window_start
-        st = state()
-        if master:
-            status.clear()
-            save_checkpoint(ckpt_path, raw_model, optimizer, st)
-            print(f"interrupted at step {step}: saved {ckpt_path} (continue with --resume); best val loss {best_val:.4f}")
-    elif master:
+        if interrupted:  # Ctrl-C (on any rank): keep the last completed step, without an eval on the way out
+            elapsed += time.time() - window_start
+            st = state()
+            if master:  # still inside StopFlag: a second Ctrl-C during this save exits at once
+                status.clear()
+                save_checkpoint(ckpt_path, raw_model, optimizer, st)
+                print(f"interrupted at step {step}: saved {ckpt_path} (continue with --resume); "
+                      f"best val loss {best_val:.4f}")
+    if not interrupted and master:
         print(f"done at step {step}: best val loss {best_val:.4f}; saved {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
-    return {"out_dir": out_dir, "step": step, "best_val": best_val, "interrupted": stop.set}
+    return {"out_dir": out_dir, "step": step, "best_val": best_val, "interrupted": interrupted}
 
 
 def train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world):
@@ -622,6 +626,13 @@ def log_eval(path, step, tokens, losses, lr, tokens_per_s, model, peak, device, 
         csv.DictWriter(f, LOG_FIELDS).writerow(row)
 
 
+def add_dtype_flag(parser):
+    """--dtype, the same flag and rule (resolve_dtype) in every script that trains or embeds."""
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="auto: bf16 autocast on GPUs that support it and on CPUs with native bf16 matmuls "
+                             "(AMX, AVX512-BF16), else float32")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", choices=ARCHS, help="default mixer")
@@ -656,7 +667,7 @@ def build_parser():
     t.add_argument("--log_interval", type=positive_int, default=10, help="steps between loss lines")
     t.add_argument("--keep_every", type=positive_int, help="also keep ckpt_stepN.pt every N steps (step 0 included)")
     t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
-    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    add_dtype_flag(t)
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
