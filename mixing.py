@@ -141,9 +141,14 @@ def print_table(rows, args):
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         kind = r["kind"] if r["kind"] == "mixing" else f"attention (mean of {args.n} stories)"
-        print(f"| {r['model']} | {kind} | {r['layer']} | {r['head']} | {r['diagonal_mass']:.3f} | "
+        print(f"| {short_name(r['model'])} | {kind} | {r['layer']} | {r['head']} | {r['diagonal_mass']:.3f} | "
               f"{r['look_back']:.2f} | {r['toeplitz']:.3f} | {r['effective_rank']}/{r['T']} |")
     print(f"\n(eff. rank: singular values above {RANK_TOL:g} x the largest; T = {rows[0]['T']})")
+
+
+def short_name(name):
+    """A checkpoint's run folder (out-compare/mixer-seed1337/ckpt.pt -> mixer-seed1337), or the name."""
+    return Path(name).parent.name if name.endswith(".pt") and Path(name).parent.name else name
 
 
 def pyplot():
@@ -187,7 +192,7 @@ def plot_mixing(models, path, plt):
                 ax.axis("off")
         for col, (layer, head, w) in enumerate(ms):
             top, bottom = axes[2 * row, col], axes[2 * row + 1, col]
-            image = heatmap(top, w, f"{Path(name).parent.name or name}\nlayer {layer} head {head}: tril(W)", **style)
+            image = heatmap(top, w, f"{short_name(name)}\nlayer {layer} head {head}: tril(W)", **style)
             heatmap(bottom, w - torch.eye(w.size(0)), f"layer {layer} head {head}: W - I", **style)
             top.axis("on"), bottom.axis("on")
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, extend="both")
@@ -208,7 +213,7 @@ def plot_attention(models, path, plt):
         for ax in axes[row]:
             ax.axis("off")
         for col, (layer, head, probs) in enumerate(ms):
-            image = heatmap(axes[row, col], probs, f"{Path(name).parent.name or name}\nlayer {layer} head {head}",
+            image = heatmap(axes[row, col], probs, f"{short_name(name)}\nlayer {layer} head {head}",
                             cmap="viridis", vmin=0, vmax=1)
             axes[row, col].axis("on")
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6)
@@ -225,7 +230,7 @@ def plot_profiles(shown, path, plt):
         for layer, matrices in by_layer.items():
             profile = torch.stack([kernel_profile(m) for m in matrices]).mean(0)
             ax.plot(profile.numpy(), marker=".", linestyle="-" if kind == "mixing" else "--",
-                    label=f"{Path(name).parent.name or name} {kind} layer {layer}")
+                    label=f"{short_name(name)} {kind} layer {layer}")
     ax.set(xlabel="offset k = i - j (tokens back)", ylabel="mean of M[i, i - k] over rows i",
            title="the kernel each layer applies on average (attention: averaged over inputs)")
     ax.set_xscale("symlog", linthresh=4)

@@ -301,17 +301,17 @@ def main(argv=None):
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
     p.add_argument("--settings", nargs="+", type=parse_setting, default=[(64, 4), (64, 8)], metavar="SEQ_LEN:PAIRS",
                    help="difficulties: sequence length and key-value pairs")
-    p.add_argument("--widths", nargs="+", type=positive_int, default=[32, 64, 128], help="model widths (n_embd)")
-    p.add_argument("--lrs", nargs="+", type=positive_float, default=[1e-3, 3e-3, 1e-2],
+    p.add_argument("--widths", nargs="+", type=positive_int, default=[32, 64], help="model widths (n_embd)")
+    p.add_argument("--lrs", nargs="+", type=positive_float, default=[1e-3, 3e-3],
                    help="each arch gets the best of these per setting and width (chosen on validation data)")
     p.add_argument("--steps", type=positive_int, default=1000, help="training steps per run")
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--n_layer", type=positive_int, default=2, help="layers, the same for every arch")
     p.add_argument("--n_head", type=positive_int, default=2, help="attention heads")
     p.add_argument("--mixer_heads", type=positive_int, default=1, help="masked-mixing heads (1: the flat mixer)")
-    p.add_argument("--vocab_size", type=positive_int, default=512, help="keys: the lower half, values: the upper")
+    p.add_argument("--vocab_size", type=positive_int, default=128, help="keys: the lower half, values: the upper")
     p.add_argument("--n_train", type=positive_int, default=20000, help="training sequences")
-    p.add_argument("--n_test", type=positive_int, default=1000, help="validation and test sequences, each")
+    p.add_argument("--n_test", type=positive_int, default=500, help="validation and test sequences, each")
     p.add_argument("--power_a", type=positive_float, default=0.01, help="Zoology's power law of query gaps")
     p.add_argument("--warmup_iters", type=int, default=50)
     p.add_argument("--weight_decay", type=float, default=0.1)
