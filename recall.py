@@ -4,7 +4,8 @@ Measuring and Improving Recall in Efficient Language Models" (2023). A token mix
 not depend on the input cannot look a value up by its key; attention can. represent.py shows what the
 mixer keeps of its input; this shows what it cannot route.
 
-    python recall.py                                      # the CPU default, all three archs (~15 min, 2 cores)
+    python recall.py                       # the CPU default: 3 archs, 4 and 8 pairs, width 64 (~20 min, 2 cores)
+    python recall.py --widths 32 64        # the README's run: two widths
     python recall.py --archs mixer transformer --settings 64:4 128:8 --widths 64 128 --lrs 1e-3 3e-3 1e-2
     python recall.py --settings 64:4 128:8 256:16 --widths 64 128 256 512 --vocab_size 8192 \
         --lrs 1e-4 3e-4 1e-3 3e-3 1e-2 --n_train 100000 --n_test 3000 --steps 20000   # Zoology's scale (GPU)
@@ -256,6 +257,7 @@ def plot(best, args):
                 ax.plot(*zip(*points), marker="o", color=COLOURS[arch], label=arch)
         ax.set(title=f"seq_len {seq_len}, {pairs} pairs", xlabel="model width", xscale="log", ylim=(-0.03, 1.03))
         ax.set_xticks(sorted(args.widths), [str(w) for w in sorted(args.widths)])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("test accuracy (best lr)")
     axes[0, 0].legend()
@@ -301,10 +303,10 @@ def main(argv=None):
     p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
     p.add_argument("--settings", nargs="+", type=parse_setting, default=[(64, 4), (64, 8)], metavar="SEQ_LEN:PAIRS",
                    help="difficulties: sequence length and key-value pairs")
-    p.add_argument("--widths", nargs="+", type=positive_int, default=[32, 64], help="model widths (n_embd)")
+    p.add_argument("--widths", nargs="+", type=positive_int, default=[64], help="model widths (n_embd)")
     p.add_argument("--lrs", nargs="+", type=positive_float, default=[1e-3, 3e-3],
                    help="each arch gets the best of these per setting and width (chosen on validation data)")
-    p.add_argument("--steps", type=positive_int, default=1000, help="training steps per run")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps per run")
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--n_layer", type=positive_int, default=2, help="layers, the same for every arch")
     p.add_argument("--n_head", type=positive_int, default=2, help="attention heads")
@@ -315,7 +317,7 @@ def main(argv=None):
     p.add_argument("--power_a", type=positive_float, default=0.01, help="Zoology's power law of query gaps")
     p.add_argument("--warmup_iters", type=int, default=50)
     p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--eval_interval", type=positive_int, default=100, help="steps between validation evals")
+    p.add_argument("--eval_interval", type=positive_int, default=200, help="steps between validation evals")
     p.add_argument("--seed", type=int, default=0, help="data (train seed, val seed + 1, test seed + 2) and init")
     p.add_argument("--device", default="auto")
     add_dtype_flag(p)

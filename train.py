@@ -466,9 +466,10 @@ def train(args):
     def next_batch():
         return get_batch(splits["train"], config.block_size, args.batch_size, rng, device)
 
-    def of_budget():  # "/5000" or " (1.2/5 min)" after the step number
-        if args.max_minutes and args.max_minutes * 60 / max(step_s, 1e-9) < args.max_iters - step:
-            return f" ({(elapsed + time.time() - window_start) / 60:.1f}/{args.max_minutes:g} min)"
+    def of_budget():  # "/5000", or " (1.2/5 min)" when the time budget ends first
+        trained_s = elapsed + time.time() - window_start
+        if args.max_minutes and (args.max_minutes * 60 - trained_s) / step_s < args.max_iters - step:
+            return f" ({trained_s / 60:.1f}/{args.max_minutes:g} min)"
         return f"/{args.max_iters}"
 
     peak, window_start, window_steps = peak_flops(device), time.time(), 0
