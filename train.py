@@ -228,7 +228,7 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def time_left(args, step, trained_s, step_s, eval_s):
+def time_left(args, step, trained_s, step_s):
     """(seconds of training left, evals left): the step or time budget, whichever ends first."""
     train_s = (args.max_iters - step) * step_s
     if args.max_minutes:
@@ -240,7 +240,7 @@ def time_left(args, step, trained_s, step_s, eval_s):
 def cost_lines(args, step, trained_s, step_s, eval_s, tokens_per_step, device, arch):
     """What the whole run will cost at the measured pace, and on a CPU-only machine where that is
     more than an hour, a command of the README's CPU settings that finishes in minutes."""
-    train_s, evals = time_left(args, step, trained_s, step_s, eval_s)
+    train_s, evals = time_left(args, step, trained_s, step_s)
     budget = f"--max_minutes {args.max_minutes:g}" if args.max_minutes and train_s < (args.max_iters - step) * step_s \
         else f"{args.max_iters:,} steps"
     steps = int(train_s / step_s)
@@ -475,7 +475,7 @@ def train(args):
     peak, window_start, window_steps = peak_flops(device), time.time(), 0
     compile_pending, costed = args.compile, False
     status = Progress(log_every=30, quiet_first=True)  # step and eval progress between the loss lines
-    step_s, eval_s, last_line, last_line_step, loss_value = None, 0.0, time.time(), step, None
+    step_s, eval_s, last_line, last_line_step = None, 0.0, time.time(), step
     with StopFlag() as stop:
         while True:
             if warmup_end is None and step >= args.warmup_iters:
@@ -545,7 +545,7 @@ def train(args):
                     status.clear()
                     print("\n".join(cost_lines(args, step, trained_s, step_s, eval_s, tokens_per_step, device,
                                                config.arch)), flush=True)
-            train_left, evals_left = time_left(args, step, trained_s, step_s, eval_s)
+            train_left, evals_left = time_left(args, step, trained_s, step_s)
             eta = f"{duration(train_left + evals_left * eval_s)} left"
             if step % args.log_interval == 0 or time.time() - last_line >= 30:
                 loss_value = loss.item()  # a sync: only every log_interval steps (or 30 s)
