@@ -81,27 +81,30 @@ def mqar(n, seq_len, pairs, vocab_size, power_a, seed):
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
+def recalled(logits, targets):
+    """[scored positions] True where the argmax of logits [n, T, V] is the target (targets != -1 only)."""
+    scored = targets != -1
+    return logits.argmax(-1)[scored] == targets[scored]
+
+
 def recall_accuracy(logits, targets):
     """Share of the scored positions (targets != -1) whose argmax is the target."""
-    scored = targets != -1
-    return (logits.argmax(-1)[scored] == targets[scored]).float().mean().item()
+    return recalled(logits, targets).float().mean().item()
 
 
 # ---------------------------------------------------------------------------------------- training
 
 @torch.no_grad()
 def evaluate(model, inputs, targets, ctx, batch_size=256):
+    """Recall accuracy on all of inputs, batch_size sequences at a time."""
     model.eval()
-    correct = total = 0
+    hits = []
     for first in range(0, len(inputs), batch_size):
-        x, y = inputs[first : first + batch_size], targets[first : first + batch_size]
         with ctx:
-            logits, _ = model(x)
-        scored = y != -1
-        correct += (logits.argmax(-1)[scored] == y[scored]).sum().item()
-        total += scored.sum().item()
+            logits, _ = model(inputs[first : first + batch_size])
+        hits.append(recalled(logits, targets[first : first + batch_size]))
     model.train()
-    return correct / total
+    return torch.cat(hits).float().mean().item()
 
 
 def train_one(arch, width, lr, data, args, device):
