@@ -27,9 +27,9 @@ import time
 
 import torch
 
-from cli import HelpFormatter, UserError, positive_int, run
-from mixer import ARCHS, Config, Model
-from train import add_dtype_flag, autocast, peak_flops, pick_device
+from cli import HelpFormatter, add_model_flags, config_from_flags, machine, mean_and_range, positive_int, run
+from mixer import ARCHS, Model
+from train import add_dtype_flag, autocast, make_optimizer, mixed_precision, peak_flops, pick_device, train_step
 
 GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
@@ -56,20 +56,17 @@ def median_seconds(fn, steps, warmup, device):
 
 
 def make_train_step(config, args, device, dtype, compile):
-    """(model, step): step() is one forward + backward + AdamW step on fixed random tokens."""
+    """(model, step): step() is one training step as train.py takes it (train_step: forward,
+    backward, clipping, AdamW) on fixed random tokens."""
     torch.manual_seed(0)
     model = Model(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, 1e-4, 0.1, device)
     step_model = torch.compile(model) if compile else model
-    ctx, _ = autocast(device, dtype)
+    ctx, scaler, _ = mixed_precision(device, dtype)
     x = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size + 1), device=device)
 
     def step():
-        with ctx:
-            _, loss = step_model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(optimizer, scaler, lambda: step_model(x[:, :-1], x[:, 1:])[1], 1e-4, ctx)
 
     return model, step
 
@@ -119,7 +116,7 @@ def mode_name(mode):
 
 def print_modes_table(results, archs, args):
     base_mode = args.modes[0]
-    print(f"| arch | mode | tokens/s, median (min-max) | speed-up over {mode_name(base_mode)}, median (min-max) | "
+    print(f"| arch | mode | tokens/s, mean (min-max) | speed-up over {mode_name(base_mode)}, mean (min-max) | "
           "first step (s) |")
     print("|---|---|---|---|---|")
     for arch in archs:
@@ -127,13 +124,10 @@ def print_modes_table(results, archs, args):
         for mode in args.modes:
             r = results[arch, mode]
             ratios = [a / b for a, b in zip(r["tokens_per_s"], reference)]
-            print(f"| {arch} | {mode_name(mode)} | {spread(r['tokens_per_s'], ',.0f')} | {spread(ratios, '.2f')}x | "
+            print(f"| {arch} | {mode_name(mode)} | {mean_and_range(r['tokens_per_s'], ',.0f')} | "
+                  f"{mean_and_range(ratios, '.2f')}x | "
                   f"{r['first_step_s']:.1f} |")
     print(f"\n(first step: includes tracing and compilation under compile; {args.repeats} interleaved rounds)\n")
-
-
-def spread(values, spec):
-    return f"{format(statistics.median(values), spec)} ({format(min(values), spec)}-{format(max(values), spec)})"
 
 
 def bench_generate(config, context, args, device):
@@ -254,13 +248,9 @@ def parse_args(argv):
     p.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
     p.add_argument("--memory", action="store_true", help="count training memory instead of timing")
     p.add_argument("--json", action="store_true", help="--memory: also one JSON object per row")
-    p.add_argument("--n_embd", type=positive_int, help="default: by device and mode, see above")
-    p.add_argument("--n_layer", type=positive_int)
-    p.add_argument("--block_size", type=positive_int)
-    p.add_argument("--batch_size", type=positive_int)
-    p.add_argument("--n_head", type=positive_int, default=4)
-    p.add_argument("--mixer_heads", type=positive_int, default=1)
-    p.add_argument("--vocab_size", type=positive_int, default=8192)
+    add_model_flags(p, defaults={"vocab_size": 8192}, skip=("arch", "causal", "attn_impl"),
+                    title="model (mixer.Config; n_embd, n_layer, block_size default by device and mode, see above)")
+    p.add_argument("--batch_size", type=positive_int, help="default: by device and mode, see above")
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first (compilation, allocator, threads)")
     p.add_argument("--compile", action="store_true")
@@ -298,12 +288,8 @@ def bench(args):
         if getattr(args, name) is None:
             setattr(args, name, value)
     archs = ARCHS if args.arch == "all" else (args.arch,)
-    try:
-        base = Config(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                      n_embd=args.n_embd, n_head=args.n_head, mixer_heads=args.mixer_heads)
-    except ValueError as e:
-        raise UserError(f"invalid model settings: {e}") from None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    base = config_from_flags(args, arch="mixer")  # each row sets its own arch
+    name = machine(device)
     if args.memory:
         print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, d{args.n_embd}, {args.n_layer} layers, "
               f"batch {args.batch_size}, vocab {args.vocab_size}\n")

@@ -1,12 +1,23 @@
 """
-Command-line plumbing shared by the scripts: one error type, checked flag types, progress lines.
+What the scripts share besides the model and the training step: one error type, checked flag types
+and the model flags, progress lines, atomic file writes, the machine a result was measured on, the
+seed-spread statistic every table uses, and the optional matplotlib.
 
 Every script turns a UserError into one line on stderr and exit code 2 (see run); argparse reports a
-bad flag the same way. Nothing here knows about models or data.
+bad flag the same way.
 """
 import argparse
+import dataclasses
+import os
+import platform
+import statistics
 import sys
 import time
+from pathlib import Path
+
+import torch
+
+from mixer import Config
 
 
 class UserError(Exception):
@@ -43,6 +54,38 @@ positive_float = _checked(float, lambda v: v > 0, "a number > 0")
 nonneg_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 fraction = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def boolean(text):
+    """true/false (also yes/no, 1/0), and nothing else: a typo must not silently mean false."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
+
+
+def add_model_flags(parser, defaults=None, skip=("arch", "vocab_size", "causal"), title="model (mixer.Config)"):
+    """One flag per mixer.Config field but those in skip, typed as the field (Config checks the values).
+    defaults: {field: value} where a script's default differs from Config's; a flag without one is None
+    (Config's default, or the checkpoint's on train.py --resume)."""
+    group = parser.add_argument_group(title)
+    defaults = defaults or {}
+    for field in dataclasses.fields(Config):
+        if field.name not in skip:
+            default = defaults.get(field.name)
+            group.add_argument(f"--{field.name}", type=boolean if field.type is bool else field.type, default=default,
+                               help=None if default is not None else f"default {field.default}")
+    return group
+
+
+def config_from_flags(args, what="invalid model settings", **fixed):
+    """The Config of the model flags that were given, plus fixed fields; a bad value is a UserError
+    'what: reason'."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+    try:
+        return Config(**{**flags, **fixed})
+    except ValueError as e:
+        raise UserError(f"{what}: {e}") from None
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -89,3 +132,77 @@ class Progress:
         if self.tty:  # overwrite the previous line, padding over its longer tail
             text, self.width = "\r" + text.ljust(self.width), len(text)
         print(text, end=end, file=self.stream, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- files
+
+class AtomicFile:
+    """A file written as path.tmp and renamed over path by commit(), after flushing it to disk: path
+    holds the old file or the whole new one, never a part (a crash, SIGKILL or Ctrl-C at any moment).
+    As a context manager it commits on success and discards the temp file on an error."""
+
+    def __init__(self, path, mode="wb"):
+        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
+        self.file = open(self.tmp, mode)
+
+    def commit(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self):
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, error, *_):
+        self.discard() if error else self.commit()
+
+
+# ---------------------------------------------------------------------------------------- reporting results
+
+def machine(device=None):
+    """What a measurement ran on, for every results table: the GPU's name, or the CPU's model (from
+    /proc/cpuinfo where there is one), its bf16 hardware and torch's thread count."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple GPU (mps), {platform.machine()}"
+    features = [name for name, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+                if getattr(torch.cpu, check, lambda: False)()]
+    return (f"CPU {cpu_model()}" + (f" ({', '.join(features)})" if features else " (no bf16 hardware)")
+            + f", {torch.get_num_threads()} thread(s)")
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mean_and_range(values, fmt):
+    """'mean' of one value, 'mean (min-max)' of several: how every table here shows a spread over
+    seeds or repeats."""
+    mean = format(statistics.mean(values), fmt)
+    return mean if len(values) == 1 else f"{mean} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+
+
+def pyplot(picture, instead):
+    """matplotlib.pyplot (non-interactive), or None after one line: matplotlib is an optional extra,
+    so without it a script still writes its tables and says where the numbers are instead."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no {picture}: matplotlib is not installed (pip install matplotlib); {instead}")
+        return None
+    return plt

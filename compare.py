@@ -29,7 +29,6 @@ is then stretched over the new budget, which is not quite the same as training t
 import argparse
 import csv
 import itertools
-import platform
 import re
 import shlex
 import statistics
@@ -40,7 +39,7 @@ from typing import NamedTuple
 import torch
 
 import train
-from cli import HelpFormatter, UserError, positive_float, positive_int, run
+from cli import HelpFormatter, UserError, machine, mean_and_range, positive_float, positive_int, pyplot, run
 from mixer import ARCHS
 
 CURVE_FIELDS = ["arch", "point", "seed", "step", "tokens", "elapsed_s", "train_loss", "val_loss"]
@@ -191,12 +190,6 @@ def final_val_loss(result):
     return float(result["rows"][-1]["val_loss"])
 
 
-def spread(values, fmt):
-    """'mean' for one value, 'mean (min-max)' for several."""
-    mean = format(statistics.mean(values), fmt)
-    return mean if len(values) == 1 else f"{mean} ({format(min(values), fmt)}-{format(max(values), fmt)})"
-
-
 def ranking(final_val):
     """What the seeds allow us to say about the archs' order, one sentence per neighbouring pair."""
     if all(len(v) == 1 for v in final_val.values()):
@@ -212,19 +205,14 @@ def ranking(final_val):
     return lines
 
 
-def machine():
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
-
-
-def setting_line(result, swept=()):
+def setting_line(result, device_name, swept=()):
     """The model and data setting of a run, without the swept flags (they differ between runs)."""
     config = result["config"]
     parts = [f"d{config['n_embd']}" if "n_embd" not in swept else None,
              f"{config['n_layer']} layers" if "n_layer" not in swept else None,
              f"T{config['block_size']}" if "block_size" not in swept else None, f"vocab {config['vocab_size']}"]
     return (f"Model: {', '.join(p for p in parts if p)}; layout {result['layout']}. "
-            f"Machine: {machine()}, torch {torch.__version__}.")
+            f"Machine: {device_name}, torch {torch.__version__}.")
 
 
 def arch_table(results, archs):
@@ -237,23 +225,23 @@ def arch_table(results, archs):
         last = [r["rows"][-1] for r in rs]
         tokens = [int(row["tokens"]) for row in last]
         speed = [int(row["tokens"]) / float(row["elapsed_s"]) for row in last]
-        lines.append(f"| {arch} | {rs[0]['params'] / 1e6:.2f}M | {spread([int(row['step']) for row in last], ',.0f')} | "
-                     f"{spread([t / 1e6 for t in tokens], '.2f')} | {spread(speed, ',.0f')} | "
-                     f"{spread([float(row['train_loss']) for row in last], '.3f')} | {spread(final_val[arch], '.3f')} |")
+        lines.append(f"| {arch} | {rs[0]['params'] / 1e6:.2f}M | {mean_and_range([int(row['step']) for row in last], ',.0f')} | "
+                     f"{mean_and_range([t / 1e6 for t in tokens], '.2f')} | {mean_and_range(speed, ',.0f')} | "
+                     f"{mean_and_range([float(row['train_loss']) for row in last], '.3f')} | {mean_and_range(final_val[arch], '.3f')} |")
     return lines, final_val
 
 
 def write_results(args, results, command):
     table, final_val = arch_table(results, args.archs)
     lines = [f"# Equal wall-clock comparison: {args.minutes:g} minutes per run, {args.seeds} seed(s)", "",
-             f"`{command}`", "", setting_line(results[0]), "", *table, "",
+             f"`{command}`", "", setting_line(results[0], args.machine), "", *table, "",
              "Losses are the last eval of each run; with several seeds, mean (min-max).", "", *ranking(final_val)]
     finish_results(args, lines, results)
 
 
 def write_sweep_results(args, grid, selection, confirmation, best, command):
     lines = [f"# Each arch at its best point: a {len(grid_points(grid))}-point grid, {args.minutes:g} minutes per run",
-             "", f"`{command}`", "", setting_line(selection[0], [flag for flag, _ in grid]), "",
+             "", f"`{command}`", "", setting_line(selection[0], args.machine, [flag for flag, _ in grid]), "",
              f"## Grid (selection seed {args.seed})", "",
              "| arch | point | params | steps | tokens/s | val loss |", "|---|---|---|---|---|---|"]
     for r in sorted(selection, key=lambda r: args.archs.index(r["arch"])):
@@ -287,17 +275,8 @@ def finish_results(args, lines, results):
 COLOURS = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
 
 
-def pyplot(out_dir):
-    """matplotlib.pyplot, or None (and a line saying how to get the picture) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"no curves.png: matplotlib is not installed (pip install matplotlib); "
-              f"the curves are in {Path(out_dir) / 'curves.csv'}")
-        return None
-    return plt
+def curves_pyplot(out_dir):
+    return pyplot("curves.png", f"the curves are in {Path(out_dir) / 'curves.csv'}")
 
 
 def draw_val_curves(results, first_seed, ax_time, ax_tokens=None):
@@ -328,7 +307,7 @@ def save(fig, out_dir):
 
 def plot_curves(args, results):
     """curves.png: val loss against training minutes and against tokens seen, one colour per arch."""
-    plt = pyplot(args.out_dir)
+    plt = curves_pyplot(args.out_dir)
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -341,7 +320,7 @@ def plot_curves(args, results):
 def plot_sweep(args, grid, selection, confirmation, best):
     """curves.png: the confirmation runs' val loss against time, and final val loss against the first
     swept flag (one line per arch and per value of the other swept flags), best points circled."""
-    plt = pyplot(args.out_dir)
+    plt = curves_pyplot(args.out_dir)
     if plt is None:
         return
     fig, (curves, sweep) = plt.subplots(1, 2, figsize=(11, 4))
@@ -376,7 +355,8 @@ def compare(args, train_argv, command):
     bad = [flag for flag in train_argv if flag.split("=")[0] in OWN_FLAGS]
     if bad:
         raise UserError(f"{bad[0]} is set by compare.py (use --minutes; a second run of the same command resumes)")
-    train.parse_args(["--max_iters", "1", *train_argv])  # a bad train.py flag fails now, not hours later
+    train_args = train.parse_args(["--max_iters", "1", *train_argv])  # a bad train.py flag fails now, not hours later
+    args.machine = machine(train.pick_device(train_args.device))
     grid = parse_grid(args.sweep, train_argv) if args.sweep else None
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if grid is None:

@@ -36,7 +36,7 @@ from urllib.request import Request, urlopen
 import numpy as np
 import tiktoken
 
-from cli import HelpFormatter, Progress, UserError, fraction, nonneg_int, positive_int, run
+from cli import AtomicFile, HelpFormatter, Progress, UserError, fraction, nonneg_int, positive_int, run
 
 HF_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 DOWNLOAD = "TinyStories_all_data.tar.gz"  # data00.json .. data49.json, each a list of records
@@ -234,22 +234,6 @@ def is_val(story, val_fraction):
 
 # ---------------------------------------------------------------------------------------- writing
 
-class AtomicWriter:
-    """Appends to path.tmp; commit() renames it into place, so path is never half-written."""
-
-    def __init__(self, path, mode="wb"):
-        self.path, self.tmp = Path(path), Path(str(path) + ".tmp")
-        self.file = open(self.tmp, mode)
-
-    def commit(self):
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self):
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
 def middle_sentence(story):
     """The proxy query of --proxy_pairs: the story's middle sentence (None if it has fewer than 3)."""
     sentences = re.split(r"(?<=[.!?])\s+", story)
@@ -260,8 +244,8 @@ class Split:
     """One output split: its token shard, its pairs file (at most max_pairs lines), and its counts."""
 
     def __init__(self, out_dir, name, max_pairs):
-        self.shard = AtomicWriter(out_dir / f"{name}.bin")
-        self.pairs = AtomicWriter(out_dir / f"pairs_{name}.jsonl", "w")
+        self.shard = AtomicFile(out_dir / f"{name}.bin")
+        self.pairs = AtomicFile(out_dir / f"pairs_{name}.jsonl", "w")
         self.max_pairs = max_pairs
         self.stories = self.tokens = self.n_pairs = 0
 
@@ -366,9 +350,8 @@ def prepare(args):
             "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256(p)}
                         for p in train_paths + val_paths],
             "settings": settings}
-    meta_file = AtomicWriter(meta_path, "w")
-    json.dump(meta, meta_file.file, indent=2)
-    meta_file.commit()
+    with AtomicFile(meta_path, "w") as f:
+        json.dump(meta, f, indent=2)
     for name, split in splits.items():
         print(f"{name}: {split.stories:,} stories, {split.tokens:,} tokens "
               f"({split.tokens / split.stories:.1f} per story), {split.n_pairs:,} summary/story pairs")

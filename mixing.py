@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cli import HelpFormatter, UserError, positive_int, run
+from cli import HelpFormatter, UserError, positive_int, pyplot, run
 from mixer import Attention, MaskedMixing, attention_probs, masked
 from represent import add_model_flags, models_to_test, story_inputs
 
@@ -151,16 +151,6 @@ def short_name(name):
     return Path(name).parent.name if name.endswith(".pt") and Path(name).parent.name else name
 
 
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def heatmap(ax, matrix, title, **style):
     """The lower triangle of a [T, T] matrix; the upper triangle (masked, never applied) left blank."""
     T = matrix.size(0)
@@ -242,9 +232,8 @@ def plot_profiles(shown, path, plt):
 
 
 def draw(per_model, out):
-    plt = pyplot()
+    plt = pyplot(out, "the numbers are in the table above")
     if plt is None:
-        print(f"no {out}: matplotlib is not installed (pip install matplotlib); the numbers are in the table above")
         return
     stem = Path(out).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,9 @@ width, one panel per setting, as Zoology's figure 2) and recall_curves.png (vali
 during training), both with matplotlib.
 """
 import argparse
+import dataclasses
 import itertools
 import json
-import platform
 import shlex
 import sys
 import time
@@ -41,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import HelpFormatter, UserError, positive_float, positive_int, run
+from cli import (AtomicFile, HelpFormatter, UserError, add_model_flags, config_from_flags, machine, positive_float,
+                 positive_int, pyplot, run)
 from mixer import ARCHS, Config, Model
-from train import add_dtype_flag, autocast, lr_at, make_optimizer, pick_device, train_step
+from train import Schedule, add_dtype_flag, make_optimizer, mixed_precision, pick_device, train_step
 
 COLOURS = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
 PLATEAU = 0.02  # a curve has flattened when its last quarter gained less than this accuracy
@@ -107,34 +108,34 @@ def evaluate(model, inputs, targets, ctx, batch_size=256):
     return torch.cat(hits).float().mean().item()
 
 
+def model_config(arch, width, seq_len, args):
+    return config_from_flags(args, f"width {width}", arch=arch, vocab_size=args.vocab_size, block_size=seq_len,
+                             n_embd=width)
+
+
 def train_one(arch, width, lr, data, args, device):
-    """Train one model on data["train"]; returns its validation curve, final val and test accuracy."""
+    """Train one model on data["train"] with train.py's optimizer, schedule and step; returns its
+    validation curve, final val and test accuracy."""
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
         (x.to(device), y.to(device)) for x, y in (data["train"], data["val"], data["test"]))
     torch.manual_seed(args.seed)
-    config = Config(arch=arch, vocab_size=args.vocab_size, block_size=train_x.size(1), n_layer=args.n_layer,
-                    n_embd=width, n_head=args.n_head, mixer_heads=args.mixer_heads)
-    model = Model(config).to(device)
-    hyper = argparse.Namespace(lr=lr, min_lr_ratio=0.1, warmup_iters=args.warmup_iters, lr_schedule="cosine",
-                               weight_decay=args.weight_decay, grad_accum=1, grad_clip=1.0)
-    optimizer = make_optimizer(model, hyper, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    ctx, _ = autocast(device, args.dtype)
+    model = Model(model_config(arch, width, train_x.size(1), args)).to(device)
+    optimizer = make_optimizer(model, lr, args.weight_decay, device)
+    schedule = Schedule(lr, args.warmup_iters)
+    ctx, scaler, _ = mixed_precision(device, args.dtype)
     g = torch.Generator().manual_seed(args.seed)
 
-    def next_batch():
+    def next_loss():
         rows = torch.randint(0, len(train_x), (args.batch_size,), generator=g).to(device)
-        return train_x[rows], train_y[rows]
+        return model(train_x[rows], train_y[rows])[1]
 
     curve, start = [], time.time()
-    warmup_end = args.warmup_iters / args.steps
     for step in range(args.steps + 1):
         if step % args.eval_interval == 0 or step == args.steps:
             curve.append((step, evaluate(model, val_x, val_y, ctx)))
         if step == args.steps:
             break
-        train_step(model, optimizer, scaler, next_batch, lr_at(step / args.steps, step, warmup_end, hyper),
-                   hyper, ctx, world=1)
+        train_step(optimizer, scaler, next_loss, schedule.lr_at(step / args.steps, step, args.warmup_iters / args.steps), ctx)
     return {"curve": curve, "val": curve[-1][1], "test": evaluate(model, test_x, test_y, ctx),
             "seconds": time.time() - start, "params": model.num_params(non_embedding=True)}
 
@@ -160,8 +161,9 @@ def parse_setting(text):
 
 def run_key(arch, setting, width, lr, args):
     """What identifies a finished run in results.jsonl: every setting that changes its result."""
-    return {"arch": arch, "seq_len": setting[0], "pairs": setting[1], "width": width, "lr": lr,
-            "steps": args.steps, "n_layer": args.n_layer, "vocab_size": args.vocab_size, "seed": args.seed,
+    model = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
+    return {"arch": arch, "seq_len": setting[0], "pairs": setting[1], "width": width, "lr": lr, **model,
+            "steps": args.steps, "vocab_size": args.vocab_size, "seed": args.seed,
             "batch_size": args.batch_size, "n_train": args.n_train, "power_a": args.power_a}
 
 
@@ -195,7 +197,7 @@ def sweep(args, device):
             if k["setting"] not in data:  # settings come in order: keep one setting's data at a time
                 data = {k["setting"]: datasets(k["setting"], args)}
             found = {**key, **train_one(k["arch"], k["width"], k["lr"], data[k["setting"]], args, device)}
-            with open(log, "a") as f:
+            with open(log, "a") as f:  # one line per finished run: an interrupted sweep keeps all of them
                 f.write(json.dumps(found) + "\n")
         results.append(found)
         print(f"[{n}/{len(keys)}] {k['arch']} T{key['seq_len']} pairs {key['pairs']} d{k['width']} lr {k['lr']:g}: "
@@ -219,7 +221,7 @@ def write_table(best, args, command):
              f"`{command}`", "",
              f"vocab {args.vocab_size}, {args.n_layer} layers for every arch, batch {args.batch_size}, "
              f"{args.n_train:,} training sequences, {args.n_test:,} validation (lr choice) and {args.n_test:,} test "
-             f"sequences, power_a {args.power_a}. Machine: {machine(args)}.", "",
+             f"sequences, power_a {args.power_a}. Machine: {machine(pick_device(args.device))}.", "",
              "| arch | seq_len | pairs | width | best lr | test accuracy | val accuracy | curve at the end | "
              "non-embedding params | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (arch, seq_len, pairs, width), r in sorted(best.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][3],
@@ -231,25 +233,14 @@ def write_table(best, args, command):
     lines += ["", f"Chance is about 1/{args.vocab_size // 2} (a value among the upper half of the vocabulary). "
               f"'still rising': the last quarter of the validation curve gained {PLATEAU} or more; "
               "'(edge)': the best lr is at the edge of --lrs."]
-    path = Path(args.out_dir) / "results.md"
-    path.write_text("\n".join(lines) + "\n")
+    with AtomicFile(Path(args.out_dir) / "results.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def machine(args):
-    if torch.cuda.is_available() and args.device != "cpu":
-        return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
-
-
 def plot(best, args):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"no recall.png: matplotlib is not installed (pip install matplotlib); the table is in "
-              f"{Path(args.out_dir) / 'results.md'}")
+    plt = pyplot("recall.png", f"the table is in {Path(args.out_dir) / 'results.md'}")
+    if plt is None:
         return
     settings = sorted({(k[1], k[2]) for k in best})
     fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False, sharey=True)
@@ -285,16 +276,13 @@ def plot(best, args):
 def recall(args, command):
     for seq_len, pairs in args.settings:
         check_setting(seq_len, pairs, args.vocab_size)
-    for arch, width in itertools.product(args.archs, args.widths):
-        try:
-            Config(arch=arch, n_embd=width, n_head=args.n_head, mixer_heads=args.mixer_heads, n_layer=args.n_layer)
-        except ValueError as e:
-            raise UserError(f"width {width}: {e}") from None
+    for arch, width, (seq_len, _) in itertools.product(args.archs, args.widths, args.settings):
+        model_config(arch, width, seq_len, args)  # a UserError now, not after hours of other runs
     if args.eval_interval > args.steps:
         args.eval_interval = args.steps
     device = pick_device(args.device)
     print(f"{len(args.settings) * len(args.widths) * len(args.lrs) * len(args.archs)} runs of {args.steps:,} steps, "
-          f"device {device}, {autocast(device, args.dtype)[1]}", flush=True)
+          f"device {device}, {mixed_precision(device, args.dtype)[2]}", flush=True)
     best = best_of_lrs(sweep(args, device))
     write_table(best, args, command)
     plot(best, args)
@@ -311,9 +299,6 @@ def main(argv=None):
                    help="each arch gets the best of these per setting and width (chosen on validation data)")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps per run")
     p.add_argument("--batch_size", type=positive_int, default=64)
-    p.add_argument("--n_layer", type=positive_int, default=2, help="layers, the same for every arch")
-    p.add_argument("--n_head", type=positive_int, default=2, help="attention heads")
-    p.add_argument("--mixer_heads", type=positive_int, default=1, help="masked-mixing heads (1: the flat mixer)")
     p.add_argument("--vocab_size", type=positive_int, default=128, help="keys: the lower half, values: the upper")
     p.add_argument("--n_train", type=positive_int, default=20000, help="training sequences")
     p.add_argument("--n_test", type=positive_int, default=500, help="validation and test sequences, each")
@@ -325,6 +310,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     add_dtype_flag(p)
     p.add_argument("--out_dir", default="out-recall")
+    add_model_flags(p, defaults={"n_layer": 2, "n_head": 2}, skip=("arch", "vocab_size", "causal", "n_embd", "block_size"),
+                    title="model (mixer.Config; the same for every arch; n_embd is --widths, block_size the setting's length)")
     args = p.parse_args(argv)
     run("recall.py", lambda a: recall(a, shlex.join(["python", "recall.py", *argv])), args)
 

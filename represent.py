@@ -38,8 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import HelpFormatter, Progress, UserError, positive_int, run
-from mixer import ARCHS, Config, Model
+import cli
+from cli import HelpFormatter, Progress, UserError, config_from_flags, positive_int, pyplot, run
+from mixer import ARCHS, Model
 from train import load_checkpoint, load_data, model_from_checkpoint
 
 TOP_K = 5
@@ -116,11 +117,7 @@ def models_to_test(args):
             yield path, model_from_checkpoint(ckpt, path).eval(), ckpt["data_meta"]["vocab_size"], ckpt.get("step")
     for arch in args.init or ():
         torch.manual_seed(args.seed)
-        try:
-            config = Config(arch=arch, vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                            n_embd=args.n_embd, n_head=args.n_head, mixer_heads=args.mixer_heads)
-        except ValueError as e:
-            raise UserError(f"invalid --init model: {e}") from None
+        config = config_from_flags(args, "invalid --init model", arch=arch)
         yield f"untrained {arch}", Model(config).eval(), args.vocab_size, 0
 
 
@@ -168,12 +165,8 @@ def print_table(rows):
 
 def plot(rows, path):
     """Hamming distance against training step, one line per run folder."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"no {path}: matplotlib is not installed (pip install matplotlib); the numbers are in the table above")
+    plt = pyplot(path, "the numbers are in the table above")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     runs = {}
@@ -210,13 +203,8 @@ def add_model_flags(parser, n_layer, n_embd):
     """--ckpt and --init with the settings of untrained models: the models models_to_test yields."""
     parser.add_argument("--ckpt", nargs="+", help="checkpoints from train.py (shell globs welcome)")
     parser.add_argument("--init", nargs="+", choices=ARCHS, help="untrained models of these archs (the flags below)")
-    init = parser.add_argument_group("--init models (mixer.Config)")
-    init.add_argument("--vocab_size", type=positive_int, default=4096)
-    init.add_argument("--block_size", type=positive_int, default=64)
-    init.add_argument("--n_layer", type=positive_int, default=n_layer)
-    init.add_argument("--n_embd", type=positive_int, default=n_embd)
-    init.add_argument("--n_head", type=positive_int, default=4)
-    init.add_argument("--mixer_heads", type=positive_int, default=1)
+    cli.add_model_flags(parser, defaults={"vocab_size": 4096, "block_size": 64, "n_layer": n_layer, "n_embd": n_embd},
+                        skip=("arch", "causal"), title="--init models (mixer.Config)")
 
 
 def main(argv=None):

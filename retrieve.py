@@ -27,10 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import HelpFormatter, Progress, UserError, positive_float, positive_int, run
+from cli import AtomicFile, HelpFormatter, Progress, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run
 from data_prep import check_inputs, load_encoding, read_stories
 from mixer import Block, Config
-from train import add_dtype_flag, atomic_save, autocast, load_checkpoint, load_model, pick_device
+from train import (Schedule, add_dtype_flag, atomic_save, autocast, load_checkpoint, load_model, make_optimizer,
+                   mixed_precision, pick_device, train_step)
 
 
 class RetrievalError(UserError):
@@ -340,25 +341,46 @@ def train_retrieval_mixer(summaries, stories, args):
         raise RetrievalError(f"{n} training pairs: need more than --candidates {args.candidates}")
     torch.manual_seed(args.seed)
     model = RetrievalMixer(summaries.size(1), args.candidates, args.width, args.n_layer)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     g = torch.Generator().manual_seed(args.seed)
-    for step in range(1, args.steps + 1):
+
+    def next_loss():
         queries = torch.randint(0, n, (args.batch_size,), generator=g)
         # fresh negatives every step: candidates drawn among all stories, the true one at a random slot
         cands = torch.randint(0, n - 1, (args.batch_size, args.candidates), generator=g)
         cands = cands + (cands >= queries.unsqueeze(1)).long()
         true_col = torch.randint(0, args.candidates, (args.batch_size,), generator=g)
         cands[torch.arange(args.batch_size), true_col] = queries
-        loss = F.cross_entropy(model(slots(summaries[queries], stories, cands)), true_col)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % args.log_interval == 0 or step == args.steps:
-            print(f"step {step}: loss {loss.item():.4f} (chance {np.log(args.candidates):.4f})")
+        return F.cross_entropy(model(slots(summaries[queries], stories, cands)), true_col)
+
+    fit(model, next_loss, args, torch.device("cpu"), chance=np.log(args.candidates))
     return model
 
 
+def fit(model, next_loss, args, device, chance):
+    """Train model for --steps steps through train.py's optimizer, schedule and step (warmup, then
+    cosine decay; clipping; the fp16 loss scaler), printing the loss every --log_interval steps."""
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    schedule = Schedule(args.lr, args.warmup_iters)
+    ctx, scaler, _ = mixed_precision(device, args.dtype)
+    for step in range(args.steps):
+        lr = schedule.lr_at(step / args.steps, step, args.warmup_iters / args.steps)
+        loss = train_step(optimizer, scaler, next_loss, lr, ctx)
+        if (step + 1) % args.log_interval == 0 or step + 1 == args.steps:
+            print(f"step {step + 1}: loss {loss.item():.4f} (chance {chance:.4f}), lr {lr:.2e}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------- InfoNCE (v2+)
+
+def infonce_loss(queries, stories, temperature):
+    """Symmetric InfoNCE over a group of pairs: [G, d] query and story embeddings, query i matching
+    story i. Scores are cosine similarities divided by the temperature, in float32 even under
+    autocast (1 / 0.02 = 50 times a bf16 cosine would keep only two significant digits)."""
+    with torch.autocast(queries.device.type, enabled=False):
+        q, s = F.normalize(queries.float(), dim=-1), F.normalize(stories.float(), dim=-1)
+        logits = q @ s.T / temperature  # [G, G]; the matching pairs are on the diagonal
+        target = torch.arange(len(q), device=q.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
 
 def train_infonce(args):
     """Fine-tune the generative model so that a summary's embedding is closest (cosine) to its own
@@ -373,24 +395,15 @@ def train_infonce(args):
     stories = tokenize([p["story"] for p in pairs], enc)
     torch.manual_seed(args.seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    ctx, dtype = autocast(device, args.dtype)
-    print(f"fine-tuning {model.config.arch} on {len(pairs):,} pairs, device {device}, {dtype}")
-    for step in range(1, args.steps + 1):
+
+    def next_loss():  # texts longer than the context are embedded as eval will embed them (--long)
         group = torch.randperm(len(pairs))[: args.group].tolist()
-        # texts longer than the context are embedded as eval will embed them (--long)
-        with ctx:
-            q = embed_batch(model, [summaries[i] for i in group], args.long, device)
-            s = embed_batch(model, [stories[i] for i in group], args.long, device)
-        q, s = F.normalize(q.float(), dim=-1), F.normalize(s.float(), dim=-1)  # scores in float32 (1/temperature = 50)
-        logits = q @ s.T / args.temperature  # [G, G]; the matching pairs are on the diagonal
-        target = torch.arange(len(group), device=device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % args.log_interval == 0 or step == args.steps:
-            print(f"step {step}: loss {loss.item():.4f} (chance {np.log(args.group):.4f})")
+        return infonce_loss(embed_batch(model, [summaries[i] for i in group], args.long, device),
+                            embed_batch(model, [stories[i] for i in group], args.long, device), args.temperature)
+
+    print(f"fine-tuning {model.config.arch} on {len(pairs):,} pairs, device {device}, "
+          f"{mixed_precision(device, args.dtype)[2]}")
+    fit(model, next_loss, args, device, chance=np.log(args.group))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(model.config),
                  "data_meta": meta}, args.out)
@@ -415,12 +428,9 @@ def cmd_train(args):
 # ---------------------------------------------------------------------------------------- search
 
 def save_npz(path, **arrays):
-    """np.savez to path (exactly that name) via a temp file and a rename: never half-written."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """np.savez to path (exactly that name, atomically: cli.AtomicFile)."""
+    with AtomicFile(path) as f:
         np.savez(f, **arrays)
-    tmp.replace(path)
 
 
 def cmd_index(args):
@@ -485,6 +495,8 @@ def parse_args(argv=None):
     t.add_argument("--out", required=True, help="mixer: retrieval model .pt; infonce: fine-tuned checkpoint .pt")
     t.add_argument("--steps", type=positive_int, default=2000)
     t.add_argument("--lr", type=positive_float, help="default: 1e-3 for mixer, 1e-4 for infonce")
+    t.add_argument("--warmup_iters", type=nonneg_int, default=50, help="steps of linear warmup, then cosine decay")
+    t.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW's, on matrices (train.make_optimizer)")
     t.add_argument("--log_interval", type=positive_int, default=100)
     t.add_argument("--candidates", type=positive_int, default=32, help="mixer: candidates per query (chance = 1/N)")
     t.add_argument("--width", type=positive_int, default=256, help="mixer: hidden width")

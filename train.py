@@ -12,6 +12,10 @@ when val loss improves, at the end, and on Ctrl-C; --keep_every N also keeps ckp
 
 --layout packed (nanoGPT) trains on windows that start anywhere in the token stream; --layout stories
 (the paper) starts every row at a story's first token and pads after the story's end, no loss there.
+--compile (on by default) compiles the model where a compiler is available; --compile false is eager.
+
+The optimizer (make_optimizer), the learning-rate schedule (Schedule) and the step (train_step) are
+the ones every script here trains with: recall.py, retrieve.py and bench.py import them.
 """
 import argparse
 import contextlib
@@ -20,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -28,15 +33,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import HelpFormatter, Progress, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run, unit_interval
+from cli import (AtomicFile, HelpFormatter, Progress, UserError, add_model_flags, boolean, config_from_flags,
+                 nonneg_float, nonneg_int, positive_float, positive_int, run, unit_interval)
 from mixer import ARCHS, Config, Model
 
 LOG_FIELDS = ["step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "mfu", "peak_mem_mb", "elapsed_s"]
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
               "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
-# The best lr of each arch at the README's CPU settings (compare.py --sweep, T = 128, packed rows;
-# the hybrid was not swept and gets the transformer's)
+# The best lr of each arch at the README's CPU settings (compare.py --sweep, T = 128, packed rows)
 CPU_LR = {"mixer": 3e-2, "transformer": 3e-3, "hybrid": 3e-3}
 
 
@@ -50,6 +55,13 @@ def peak_flops(device):
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
+
+def now():
+    """The clock of every training-time measurement (a test replaces it with a fake one)."""
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------- device and precision
 
 def pick_device(requested):
     if requested != "auto":
@@ -90,6 +102,27 @@ def autocast(device, dtype):
     if dtype == "float32":
         return contextlib.nullcontext(), dtype
     return torch.autocast(device.type, dtype=getattr(torch, dtype)), dtype
+
+
+def mixed_precision(device, dtype):
+    """(autocast context, loss scaler, dtype name) for training. float16 needs its loss scaler
+    (small gradients underflow to zero without it); bf16 and float32 do not (the scaler is off)."""
+    ctx, dtype = autocast(device, dtype)
+    return ctx, torch.amp.GradScaler(device.type, enabled=dtype == "float16"), dtype
+
+
+def c_compiler():
+    """The C++ compiler torch.compile would use on the CPU (None: there is none)."""
+    return next(filter(None, (shutil.which(cc) for cc in (os.environ.get("CXX", ""), "g++", "clang++", "c++"))), None)
+
+
+def cannot_compile(device):
+    """Why torch.compile cannot work on this device, or None: it needs CUDA, or a C++ compiler on the CPU."""
+    if device.type == "mps":
+        return "not supported on mps"
+    if device.type == "cpu" and c_compiler() is None:
+        return "no C++ compiler found (g++ or clang++) for this CPU"
+    return None
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -163,25 +196,63 @@ def padding_fraction(split, block_size, rng, rows=1024):
     return (y == -1).float().mean().item()
 
 
-# ---------------------------------------------------------------------------------------- training
 
-def lr_at(progress, step, warmup_end, args):
-    """Linear warmup over warmup_iters steps, then decay from the peak to min_lr over the rest of the budget.
+# ---------------------------------------------------------------------------------------- optimizer, schedule, step
 
-    progress is the fraction of the budget used (steps or minutes, see train()); warmup_end is the
-    progress when warmup ended. The decay runs from warmup_end to 1, so it starts exactly at the peak
-    even when warmup took a sizeable share of a time budget, and ends at min_lr when the budget does.
-    """
-    if step < args.warmup_iters:
-        return args.lr * (step + 1) / args.warmup_iters
-    min_lr = args.lr * args.min_lr_ratio
-    decay = min(max((progress - warmup_end) / (1 - warmup_end), 0.0), 1.0) if warmup_end < 1 else 1.0
-    if args.lr_schedule == "cosine":
-        return min_lr + 0.5 * (args.lr - min_lr) * (1 + math.cos(math.pi * decay))
-    if args.lr_schedule == "linear":
-        return args.lr - (args.lr - min_lr) * decay
-    return args.lr
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW; weight decay on matrices only (the [T, T] mixing weights included), not on norms/biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
+
+@dataclasses.dataclass
+class Schedule:
+    """Linear warmup over warmup_iters steps, then decay from the peak lr to lr * min_lr_ratio over the
+    rest of the budget ("cosine" or "linear"; "constant" stays at the peak)."""
+    lr: float
+    warmup_iters: int = 0
+    min_lr_ratio: float = 0.1
+    kind: str = "cosine"
+
+    def lr_at(self, used, step, warmup_end):
+        """The lr of step `step`. used is the fraction of the budget used (steps or minutes), warmup_end
+        the fraction used when warmup ended: the decay runs from there to 1, so it starts exactly at the
+        peak even when warmup took a sizeable share of a time budget, and ends at the minimum with it."""
+        if step < self.warmup_iters:
+            return self.lr * (step + 1) / self.warmup_iters
+        min_lr = self.lr * self.min_lr_ratio
+        decay = min(max((used - warmup_end) / (1 - warmup_end), 0.0), 1.0) if warmup_end < 1 else 1.0
+        if self.kind == "cosine":
+            return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * decay))
+        if self.kind == "linear":
+            return self.lr - (self.lr - min_lr) * decay
+        return self.lr
+
+
+def train_step(optimizer, scaler, next_loss, lr, ctx, grad_clip=1.0, grad_accum=1, no_sync=None):
+    """One optimizer step at learning rate lr over grad_accum micro-batches; next_loss() computes the
+    next micro-batch's loss (under ctx, the autocast). The fp16 loss scaler, gradient clipping and
+    AdamW as every script here trains. no_sync: DDP's model.no_sync, so that gradients are all-reduced
+    once, after the last micro-batch. Returns the last micro-batch's loss (a tensor: no host sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(grad_accum):
+        with no_sync() if no_sync and micro < grad_accum - 1 else contextlib.nullcontext():
+            with ctx:
+                loss = next_loss()
+            scaler.scale(loss / grad_accum).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model, splits, args, device, ctx, stop=None, status=None):
@@ -216,7 +287,54 @@ def default_eval_iters(args, device, block_size):
     return max(1, round(tokens / (args.batch_size * block_size)))
 
 
-# ---------------------------------------------------------------------------------------- cost and ETA
+# ---------------------------------------------------------------------------------------- budget, clock, reporter
+
+class Clock:
+    """Training seconds: time outside paused() blocks (evals, checkpoint writes, the first compiled
+    step), so that an equal --max_minutes is equal training time for every arch. sync (CUDA) waits
+    for queued work at each pause, so that work is counted where it ran."""
+
+    def __init__(self, trained_s=0.0, sync=lambda: None):
+        self.origin, self.paused_at, self.sync = now() - trained_s, None, sync
+
+    def seconds(self):
+        return (now() if self.paused_at is None else self.paused_at) - self.origin
+
+    @contextlib.contextmanager
+    def paused(self):
+        if self.paused_at is not None:  # within a pause already (a save inside an eval)
+            yield
+            return
+        self.sync()
+        self.paused_at = now()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.origin += now() - self.paused_at
+            self.paused_at = None
+
+
+@dataclasses.dataclass
+class Budget:
+    """--max_iters and --max_minutes: a run ends with whichever runs out first."""
+    max_iters: int
+    max_minutes: float = None
+
+    def used(self, step, seconds):
+        """The fraction of the budget used (the lr schedule's clock; 1 = finished)."""
+        return max(step / self.max_iters, seconds / 60 / self.max_minutes if self.max_minutes else 0.0)
+
+    def time_ends_first(self, step, seconds, step_s):
+        return bool(self.max_minutes) and (self.max_minutes * 60 - seconds) / step_s < self.max_iters - step
+
+    def left(self, step, seconds, step_s, eval_interval):
+        """(seconds of training left, evals left, counting the final one) at step_s seconds a step."""
+        train_s = (self.max_iters - step) * step_s
+        if self.max_minutes:
+            train_s = min(train_s, max(self.max_minutes * 60 - seconds, 0.0))
+        return train_s, int(train_s / step_s) // eval_interval + 1
+
 
 def duration(seconds):
     """12s, 8m32s, 21h06m."""
@@ -228,44 +346,99 @@ def duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def time_left(args, step, trained_s, step_s):
-    """(seconds of training left, evals left): the step or time budget, whichever ends first."""
-    train_s = (args.max_iters - step) * step_s
-    if args.max_minutes:
-        train_s = min(train_s, max(args.max_minutes * 60 - trained_s, 0.0))
-    evals = int(train_s / step_s) // args.eval_interval + 1  # the periodic ones and the final one
-    return train_s, evals
-
-
-def cost_lines(args, step, trained_s, step_s, eval_s, tokens_per_step, device, arch):
+def cost_lines(budget, eval_interval, step, seconds, step_s, eval_s, tokens_per_step, device, arch):
     """What the whole run will cost at the measured pace, and on a CPU-only machine where that is
     more than an hour, a command of the README's CPU settings that finishes in minutes."""
-    train_s, evals = time_left(args, step, trained_s, step_s)
-    budget = f"--max_minutes {args.max_minutes:g}" if args.max_minutes and train_s < (args.max_iters - step) * step_s \
-        else f"{args.max_iters:,} steps"
+    train_s, evals = budget.left(step, seconds, step_s, eval_interval)
+    what = f"--max_minutes {budget.max_minutes:g}" if budget.time_ends_first(step, seconds, step_s) \
+        else f"{budget.max_iters:,} steps"
     steps = int(train_s / step_s)
-    lines = [f"cost: {step_s * 1000:,.0f} ms/step, so {budget} = {steps:,} more steps ({steps * tokens_per_step / 1e6:,.1f}M "
+    lines = [f"cost: {step_s * 1000:,.0f} ms/step, so {what} = {steps:,} more steps ({steps * tokens_per_step / 1e6:,.1f}M "
              f"tokens) in {duration(train_s)}, plus {evals} evals of {duration(eval_s)}: about "
              f"{duration(train_s + evals * eval_s)} in all"]
     cpu_only = device.type == "cpu" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
     if cpu_only and train_s + evals * eval_s > 3600:
-        lr = CPU_LR[arch]
         lines.append("no GPU here: for a run of minutes on this CPU use the README's CPU settings, e.g. "
                      "python data_prep.py --vocab_size 8192 --out_dir data/tinystories8192 && python train.py "
                      f"--arch {arch} --data_dir data/tinystories8192 --n_layer 4 --n_embd 128 --block_size 128 "
-                     f"--batch_size 16 --lr {lr:g} --warmup_iters 100 --max_minutes 10 --compile")
+                     f"--batch_size 16 --lr {CPU_LR[arch]:g} --warmup_iters 100 --max_minutes 10")
     return lines
 
 
+class Reporter:
+    """Every line a run prints and every row of log.csv, on rank 0 only (on other ranks it only
+    checks the loss). Step lines come every log_interval steps (or 30 s) with the loss, and the
+    pace and time left in between on a status line; paces are in training seconds (Clock)."""
+
+    def __init__(self, master, log_path, args, tokens_per_step, device, model):
+        self.master, self.log_path, self.args, self.device, self.model = master, log_path, args, device, model
+        self.tokens_per_step, self.peak = tokens_per_step, peak_flops(device)
+        self.budget = Budget(args.max_iters, args.max_minutes)
+        self.status = Progress(log_every=30, quiet_first=True)
+        self.pace_mark = self.eval_mark = None  # (step, training seconds) where the pace / eval window starts
+        self.line_time, self.eval_s, self.timed_steps = now(), 0.0, 0
+
+    def print(self, *lines):
+        if self.master:
+            self.status.clear()
+            print(*lines, sep="\n", flush=True)
+
+    def start(self, step, seconds):
+        """Measure the pace and tokens/s from here: where training starts."""
+        self.pace_mark, self.eval_mark, self.line_time = (step, seconds), (step, seconds), now()
+
+    def untimed_step(self, step, seconds, compile_s):
+        """The step just done was the first compiled one: left out of the pace and of tokens/s."""
+        self.print(f"compile: the first step took {compile_s:.1f}s (graph capture and compilation), "
+                   "not counted in the time budget or tokens/s")
+        self.pace_mark, self.eval_mark, self.line_time = (step, seconds), (self.eval_mark[0] + 1, seconds), now()
+
+    def step(self, step, loss, lr, seconds):
+        """After a training step: the loss line (checks the loss is finite), the cost line after the
+        first timed steps, or the status line."""
+        if step == self.pace_mark[0]:  # the first compiled step (untimed_step): no pace to show yet
+            return
+        self.timed_steps += 1
+        step_s = max(seconds - self.pace_mark[1], 1e-9) / (step - self.pace_mark[0])
+        if self.timed_steps == 3 or (self.timed_steps < 3 and now() - self.line_time >= 20):
+            self.timed_steps = 3  # the first few timed steps: say what the whole run will cost
+            self.print(*cost_lines(self.budget, self.args.eval_interval, step, seconds, step_s, self.eval_s,
+                                   self.tokens_per_step, self.device, self.model.config.arch))
+        train_left, evals_left = self.budget.left(step, seconds, step_s, self.args.eval_interval)
+        where = f"step {step}" + (f" ({seconds / 60:.1f}/{self.budget.max_minutes:g} min)"
+                                  if self.budget.time_ends_first(step, seconds, step_s) else f"/{self.budget.max_iters}")
+        eta = f"{step_s * 1000:.0f} ms/step, {duration(train_left + evals_left * self.eval_s)} left"
+        if step % self.args.log_interval == 0 or now() - self.line_time >= 30:
+            loss = loss.item()  # a host sync: only on these lines
+            if not math.isfinite(loss):
+                raise diverged(f"loss is {loss}", step, self.log_path.parent / "ckpt.pt")
+            if self.master:
+                self.status.done(f"{where}: loss {loss:.4f}, lr {lr:.2e}, {eta}")
+            self.pace_mark, self.line_time = (step, seconds), now()
+        elif self.master:
+            self.status.update(f"{where}: {eta}")
+
+    def eval(self, step, losses, lr, seconds, eval_s):
+        """One eval: its line and its log.csv row (tokens/s over the training time since the last eval)."""
+        self.eval_s = eval_s
+        steps, trained = step - self.eval_mark[0], seconds - self.eval_mark[1]
+        self.eval_mark = (step, seconds)
+        tokens_per_s = steps * self.tokens_per_step / trained if steps and trained > 0 else None
+        if not self.master:
+            return
+        self.status.clear()
+        log_eval(self.log_path, step, step * self.tokens_per_step, losses, lr, tokens_per_s, self.model, self.peak,
+                 self.device, seconds)
+        self.line_time = now()
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
 def atomic_save(obj, path):
-    """torch.save to path.tmp, flush it to disk, then rename it over path. A crash or kill at any
-    moment leaves either the old file or the new one at path, never a partial one."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    """torch.save, atomically (cli.AtomicFile): a crash or kill at any moment leaves the old file or
+    the new one at path, never a partial one."""
+    with AtomicFile(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def diverged(what, step, ckpt_path):
@@ -320,13 +493,9 @@ def load_model(ckpt_path, device="cpu"):
 
 def resolve_config(args, meta, ckpt):
     """The model Config: from the checkpoint on resume (flags must agree), else from flags + data."""
+    if ckpt is None:  # the vocabulary padded to a multiple of 64: faster matmuls, ids beyond are never used
+        return config_from_flags(args, vocab_size=64 * math.ceil(meta["vocab_size"] / 64))
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
-    vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)  # padded: faster matmuls, ids beyond are never used
-    if ckpt is None:
-        try:
-            return Config(**{**flags, "vocab_size": vocab_size})
-        except ValueError as e:
-            raise TrainError(f"invalid model settings: {e}") from None
     if ckpt["data_meta"]["vocab_size"] != meta["vocab_size"]:
         raise TrainError(f"checkpoint was trained on a {ckpt['data_meta']['vocab_size']}-token vocabulary but "
                          f"--data_dir has {meta['vocab_size']}: use data prepared with the same --vocab_size")
@@ -394,7 +563,8 @@ def open_run(args):
 
 
 def restore(ckpt, model, optimizer, rng, rank, world, device):
-    """Load a checkpoint's weights, optimizer and this rank's RNG states, so training replays exactly."""
+    """Load a checkpoint's weights, optimizer and this rank's RNG states, so training replays exactly;
+    returns its State."""
     if len(ckpt["rng"]) != world:
         raise TrainError(f"the checkpoint was written by {len(ckpt['rng'])} processes: resume with "
                          "the same number (torchrun --nproc_per_node) to replay the same batches")
@@ -405,200 +575,187 @@ def restore(ckpt, model, optimizer, rng, rank, world, device):
     torch.set_rng_state(saved["torch"])
     if device.type == "cuda":
         torch.cuda.set_rng_state(saved["cuda"], device)
+    return State(ckpt["step"], ckpt["best_val"], ckpt["elapsed"], ckpt.get("warmup_end"))
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+@dataclasses.dataclass
+class State:
+    """Where a run is: what its checkpoints hold besides weights, optimizer and RNG states."""
+    step: int = 0
+    best_val: float = math.inf
+    elapsed: float = 0.0      # training seconds (Clock) at the last save
+    warmup_end: float = None  # the fraction of the budget used when warmup ended
+
+
+class Run:
+    """What a training run works with: data, model (raw and as trained: compiled, DDP), optimizer,
+    precision, RNG, state, clock and reporter; built for a new run or restored for --resume."""
+
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device, self.master = args, rank, world, device, rank == 0
+        self.out_dir, ckpt, self.layout = open_run(args)
+        self.ckpt_path = self.out_dir / "ckpt.pt"
+        self.splits, self.meta = load_data(args.data_dir, self.layout)
+        config = resolve_config(args, self.meta, ckpt)
+        if ckpt is not None and not args.eval_iters:
+            args.eval_iters = ckpt["train_args"].get("eval_iters")  # the run's own eval batches
+        if args.compile is None:  # compile by default; a resume keeps the run's choice
+            args.compile = ckpt["train_args"].get("compile", True) if ckpt is not None else True
+        args.eval_iters = default_eval_iters(args, device, config.block_size)
+        # Per-rank seeds: each DDP rank draws its own windows and dropout masks (DDP copies rank 0's
+        # initial weights to the others, so the init still agrees).
+        torch.manual_seed(args.seed + rank)
+        self.raw_model = Model(config).to(device)
+        self.optimizer = make_optimizer(self.raw_model, args.lr, args.weight_decay, device)
+        self.schedule = Schedule(args.lr, args.warmup_iters, args.min_lr_ratio, args.lr_schedule)
+        self.budget = Budget(args.max_iters, args.max_minutes)
+        self.rng = np.random.default_rng(args.seed + rank)  # training windows
+        self.state = State() if ckpt is None else restore(ckpt, self.raw_model, self.optimizer, self.rng, rank, world, device)
+        self.ctx, self.scaler, self.dtype = mixed_precision(device, args.dtype)
+        self.tokens_per_step = args.batch_size * args.grad_accum * config.block_size * world
+        self.report = Reporter(self.master, self.out_dir / "log.csv", args, self.tokens_per_step, device, self.raw_model)
+        if self.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            start_log(self.out_dir / "log.csv", keep_before=self.state.step if ckpt else 0)
+            self.report.print(*self.opening_lines(resumed=ckpt is not None))
+        problem = args.compile and cannot_compile(device)
+        if problem:
+            self.report.print(f"compile: {problem}; training eager (--compile false hides this line)")
+        self.model, self.compile_pending = self.wrap(args.compile and not problem), args.compile and not problem
+        self.clock = Clock(self.state.elapsed, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+
+    def wrap(self, compile):
+        """The model as trained: torch.compile'd and/or wrapped for DDP."""
+        model = torch.compile(self.raw_model) if compile else self.raw_model
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return model
+
+    def opening_lines(self, resumed):
+        config, args = self.raw_model.config, self.args
+        lines = [f"{config.arch}: {self.raw_model.num_params() / 1e6:.2f}M parameters, {self.tokens_per_step:,} "
+                 f"tokens/step, device {self.device}, {self.dtype}, layout {self.layout}, evals of {args.eval_iters} "
+                 f"batches per split" + (f", resuming at step {self.state.step}" if resumed else "")]
+        if self.layout == "stories":
+            pad = padding_fraction(self.splits["train"], config.block_size, np.random.default_rng(0))
+            lines.append(f"stories layout: {len(self.splits['train'].starts):,} train stories; {pad:.0%} of the "
+                         f"positions are padding after a story's end at block_size {config.block_size}")
+        return lines
+
+    def agree(self, interrupted):
+        """(training seconds, interrupted) as every rank sees them: under DDP the slowest rank's clock
+        and anyone's Ctrl-C, so that all ranks stop at the same step with the same lr."""
+        if self.world == 1:
+            return self.clock.seconds(), interrupted
+        both = torch.tensor([self.clock.seconds(), float(interrupted)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        return both[0].item(), bool(both[1].item())
+
+    def step(self, lr):
+        """One optimizer step; the first compiled one outside the clock (and eager if compiling fails)."""
+        def next_loss():
+            return self.model(*get_batch(self.splits["train"], self.raw_model.config.block_size,
+                                         self.args.batch_size, self.rng, self.device))[1]
+
+        def one_step():
+            no_sync = self.model.no_sync if self.world > 1 else None
+            return train_step(self.optimizer, self.scaler, next_loss, lr, self.ctx, self.args.grad_clip,
+                              self.args.grad_accum, no_sync)
+
+        if not self.compile_pending:
+            return one_step()
+        with self.clock.paused():
+            started = now()
+            try:
+                loss = one_step()
+            except torch._dynamo.exc.TorchDynamoException as e:
+                self.report.print(f"compile: failed ({str(e).splitlines()[0][:100]}); training eager")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.model = self.wrap(False)
+                loss = one_step()
+            self.compile_pending = False
+        self.report.untimed_step(self.state.step + 1, self.clock.seconds(), now() - started)
+        return loss
+
+    def evaluate(self, stop, final):
+        """Eval (outside the clock), log it, and save ckpt.pt when val improved or at the end (final).
+        False: Ctrl-C came during it (a single process cuts it short; DDP ranks finish theirs, to stop
+        together)."""
+        with self.clock.paused():
+            started = now()
+            losses = evaluate(self.raw_model, self.splits, self.args, self.device, self.ctx,
+                              stop if self.world == 1 else None, self.report.status if self.master else None)
+            if losses is None:
+                return False
+            if not math.isfinite(losses["val"]):
+                raise diverged(f"val loss is {losses['val']}", self.state.step, self.ckpt_path)
+            improved = losses["val"] < self.state.best_val
+            self.state.best_val = min(self.state.best_val, losses["val"])
+            seconds = self.clock.seconds()
+            lr = self.schedule.lr_at(self.budget.used(self.state.step, seconds), self.state.step, self.state.warmup_end)
+            self.report.eval(self.state.step, losses, lr, seconds, now() - started)
+            self.save(self.ckpt_path, write=improved or final)
+        return True
+
+    def save(self, path, write=True):
+        """A checkpoint of this moment, written by rank 0 if write (every rank takes part: the RNG
+        states are gathered, so that the ranks stay in step whatever rank 0 decides)."""
+        with self.clock.paused():
+            self.state.elapsed = self.clock.seconds()
+            rng_state = {"numpy": self.rng.bit_generator.state, "torch": torch.get_rng_state(),  # windows, dropout
+                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+            rng_states = [rng_state]
+            if self.world > 1:
+                rng_states = [None] * self.world
+                dist.all_gather_object(rng_states, rng_state)
+            if self.master and write:
+                save_checkpoint(path, self.raw_model, self.optimizer,
+                                {**dataclasses.asdict(self.state), "data_meta": self.meta,
+                                 "train_args": {**vars(self.args), "layout": self.layout}, "rng": rng_states})
 
 
 def train(args):
     """Train until the step or time budget runs out (or Ctrl-C). Returns a summary dict."""
     rank, world, device = setup_distributed(args)
-    master = rank == 0
-    out_dir, ckpt, layout = open_run(args)
-    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "log.csv"
-    splits, meta = load_data(args.data_dir, layout)
-    config = resolve_config(args, meta, ckpt)
-    if ckpt is not None and not args.eval_iters:
-        args.eval_iters = ckpt["train_args"].get("eval_iters")  # the run's own eval batches
-    args.eval_iters = default_eval_iters(args, device, config.block_size)
-
-    # Per-rank seeds: each DDP rank draws its own windows and dropout masks (DDP copies rank 0's
-    # initial weights to the others, so the init still agrees).
-    torch.manual_seed(args.seed + rank)
-    model = Model(config).to(device)
-    optimizer = make_optimizer(model, args, device)
-    rng = np.random.default_rng(args.seed + rank)  # training windows
-    step, best_val, elapsed, warmup_end = 0, float("inf"), 0.0, None
-    if ckpt is not None:
-        restore(ckpt, model, optimizer, rng, rank, world, device)
-        step, best_val, elapsed, warmup_end = ckpt["step"], ckpt["best_val"], ckpt["elapsed"], ckpt.get("warmup_end")
-    ctx, dtype = autocast(device, args.dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    tokens_per_step = args.batch_size * args.grad_accum * config.block_size * world
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{config.arch}: {raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
-              f"device {device}, {dtype}, layout {layout}, evals of {args.eval_iters} batches per split"
-              + (f", resuming at step {step}" if ckpt else ""))
-        if layout == "stories":
-            pad = padding_fraction(splits["train"], config.block_size, np.random.default_rng(0))
-            print(f"stories layout: {len(splits['train'].starts):,} train stories; {pad:.0%} of the positions "
-                  f"are padding after a story's end at block_size {config.block_size}")
-        start_log(log_path, keep_before=step if ckpt else 0)
-
-    def state():  # what a checkpoint needs besides model and optimizer: every rank's RNG states
-        rng_state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),  # windows, dropout
-                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        rng_states = [rng_state]
-        if world > 1:
-            rng_states = [None] * world
-            dist.all_gather_object(rng_states, rng_state)
-        return {"step": step, "best_val": best_val, "elapsed": elapsed, "warmup_end": warmup_end,
-                "data_meta": meta, "train_args": {**vars(args), "layout": layout}, "rng": rng_states}
-
-    def progress():  # fraction of the budget (steps or minutes, whichever runs out first) used
-        minutes = (elapsed + time.time() - window_start) / 60
-        return max(step / args.max_iters, minutes / args.max_minutes if args.max_minutes else 0.0)
-
-    def next_batch():
-        return get_batch(splits["train"], config.block_size, args.batch_size, rng, device)
-
-    def of_budget():  # "/5000", or " (1.2/5 min)" when the time budget ends first
-        trained_s = elapsed + time.time() - window_start
-        if args.max_minutes and (args.max_minutes * 60 - trained_s) / step_s < args.max_iters - step:
-            return f" ({trained_s / 60:.1f}/{args.max_minutes:g} min)"
-        return f"/{args.max_iters}"
-
-    peak, window_start, window_steps = peak_flops(device), time.time(), 0
-    compile_pending, costed = args.compile, False
-    status = Progress(log_every=30, quiet_first=True)  # step and eval progress between the loss lines
-    step_s, eval_s, last_line, last_line_step = None, 0.0, time.time(), step
+    run = Run(args, rank, world, device)
+    state, clock, report, budget = run.state, run.clock, run.report, run.budget
+    report.start(state.step, clock.seconds())
+    seconds, interrupted = run.agree(False)
     with StopFlag() as stop:
         while True:
-            if warmup_end is None and step >= args.warmup_iters:
-                warmup_end = progress()
-            finished, interrupted = progress() >= 1.0, stop.set
-            if world > 1:  # every rank must agree to stop, or the others would wait forever
-                flags = torch.tensor([float(finished), float(interrupted)], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                finished, interrupted = bool(flags[0].item()), bool(flags[1].item())
+            # under DDP the ranks agree on the clock and on Ctrl-C at log lines and evals, not at every
+            # step (an all-reduce is a host sync): all of them stop at the same step, with the same lr
+            if world == 1 or state.step % args.log_interval == 0 or state.step % args.eval_interval == 0:
+                seconds, interrupted = run.agree(stop.set)
             if interrupted:
                 break
-            if args.keep_every and step % args.keep_every == 0:
-                paused = time.time()
-                st = state()
-                if master:
-                    save_checkpoint(out_dir / f"ckpt_step{step}.pt", raw_model, optimizer, st)
-                window_start += time.time() - paused  # saving is not training time
-            if step % args.eval_interval == 0 or finished:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()  # the window's steps are done: time them
-                window_time = time.time() - window_start
-                elapsed += window_time
-                tokens_per_s = window_steps * tokens_per_step / window_time if window_steps else None
-                eval_start = time.time()
-                # Ctrl-C cuts an eval short in a single process; DDP ranks finish theirs, to stop together
-                losses = evaluate(raw_model, splits, args, device, ctx, stop if world == 1 else None,
-                                  status if master else None)
-                window_start, window_steps = time.time(), 0
-                if losses is None:  # Ctrl-C during the eval: stop without it
-                    continue
-                eval_s = time.time() - eval_start
-                if not math.isfinite(losses["val"]):
-                    raise diverged(f"val loss is {losses['val']}", step, ckpt_path)
-                improved, best_val = losses["val"] < best_val, min(best_val, losses["val"])
-                st = state()
-                if master:
-                    status.clear()
-                    log_eval(log_path, step, step * tokens_per_step, losses, lr_at(progress(), step, warmup_end, args),
-                             tokens_per_s, raw_model, peak, device, elapsed)
-                    if improved or finished:
-                        save_checkpoint(ckpt_path, raw_model, optimizer, st)
-                window_start = time.time()
-                last_line, last_line_step = time.time(), step  # the eval is not step time
+            used = budget.used(state.step, seconds)
+            if state.warmup_end is None and state.step >= args.warmup_iters:
+                state.warmup_end = used
+            finished = used >= 1
+            if (state.step % args.eval_interval == 0 or finished) and not run.evaluate(stop, finished):
+                interrupted = True
+                break
+            if args.keep_every and state.step % args.keep_every == 0:
+                run.save(run.out_dir / f"ckpt_step{state.step}.pt")
             if finished:
                 break
-            lr = lr_at(progress(), step, warmup_end, args)
-            started = time.time()
-            loss = train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world)
-            step += 1
-            if compile_pending:  # this process's first compiled step traced and compiled the model
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                compile_pending, compile_s = False, time.time() - started
-                window_start += compile_s  # not training time: budgets stay equal between archs
-                last_line, last_line_step = time.time(), step
-                if master:
-                    status.clear()
-                    print(f"compile: the first step took {compile_s:.1f}s (graph capture and compilation), "
-                          "not counted in the time budget or tokens/s")
-                continue
-            window_steps += 1
-            step_s = (time.time() - last_line) / max(step - last_line_step, 1)  # this window's pace
-            trained_s = elapsed + time.time() - window_start
-            if not costed and (window_steps >= 3 or time.time() - last_line >= 20):
-                costed = True  # the first few timed steps: say what the whole run will cost
-                if master:
-                    status.clear()
-                    print("\n".join(cost_lines(args, step, trained_s, step_s, eval_s, tokens_per_step, device,
-                                               config.arch)), flush=True)
-            train_left, evals_left = time_left(args, step, trained_s, step_s)
-            eta = f"{duration(train_left + evals_left * eval_s)} left"
-            if step % args.log_interval == 0 or time.time() - last_line >= 30:
-                loss_value = loss.item()  # a sync: only every log_interval steps (or 30 s)
-                if not math.isfinite(loss_value):
-                    raise diverged(f"loss is {loss_value}", step, ckpt_path)
-                if master:
-                    status.done(f"step {step}{of_budget()}: loss {loss_value:.4f}, lr {lr:.2e}, "
-                                f"{step_s * 1000:.0f} ms/step, {eta}")
-                last_line, last_line_step = time.time(), step
-            elif master:
-                status.update(f"step {step}{of_budget()}: {step_s * 1000:.0f} ms/step, {eta}")
+            lr = run.schedule.lr_at(used, state.step, state.warmup_end)
+            loss = run.step(lr)
+            state.step += 1
+            report.step(state.step, loss, lr, clock.seconds())
         if interrupted:  # Ctrl-C (on any rank): keep the last completed step, without an eval on the way out
-            elapsed += time.time() - window_start
-            st = state()
-            if master:  # still inside StopFlag: a second Ctrl-C during this save exits at once
-                status.clear()
-                save_checkpoint(ckpt_path, raw_model, optimizer, st)
-                print(f"interrupted at step {step}: saved {ckpt_path} (continue with --resume); "
-                      f"best val loss {best_val:.4f}")
-    if not interrupted and master:
-        print(f"done at step {step}: best val loss {best_val:.4f}; saved {ckpt_path}")
+            run.save(run.ckpt_path)  # still inside StopFlag: a second Ctrl-C during this save exits at once
+            report.print(f"interrupted at step {state.step}: saved {run.ckpt_path} (continue with --resume); "
+                         f"best val loss {state.best_val:.4f}")
+    if not interrupted:
+        report.print(f"done at step {state.step}: best val loss {state.best_val:.4f}; saved {run.ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
-    return {"out_dir": out_dir, "step": step, "best_val": best_val, "interrupted": interrupted}
-
-
-def train_step(model, optimizer, scaler, next_batch, lr, args, ctx, world):
-    """One optimizer step over grad_accum micro-batches; returns the last micro-batch's loss tensor."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    for micro in range(args.grad_accum):
-        x, y = next_batch()
-        # DDP: all-reduce gradients only once, after the last micro-batch
-        sync = contextlib.nullcontext() if world == 1 or micro == args.grad_accum - 1 else model.no_sync()
-        with sync:
-            with ctx:
-                _, loss = model(x, y)
-            scaler.scale(loss / args.grad_accum).backward()
-    if args.grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss
-
-
-def make_optimizer(model, args, device):
-    """AdamW; weight decay on matrices only (the [T, T] mixing weights included), not on norms/biases."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return {"out_dir": run.out_dir, "step": state.step, "best_val": state.best_val, "interrupted": interrupted}
 
 
 def start_log(path, keep_before):
@@ -642,11 +799,7 @@ def build_parser():
     p.add_argument("--layout", choices=["packed", "stories"],
                    help="packed: windows anywhere in the token stream (nanoGPT; the default); stories: each row "
                         "starts at a story's first token, padded after its end (the paper). Kept on --resume")
-    model = p.add_argument_group("model (mixer.Config checks the values; taken from the checkpoint on --resume)")
-    for field in dataclasses.fields(Config):
-        if field.name not in ("arch", "vocab_size", "causal"):  # --arch is above; the vocab comes from the data
-            kind = (lambda s: s.lower() in ("1", "true", "yes")) if field.type is bool else field.type
-            model.add_argument(f"--{field.name}", type=kind, help=f"default {field.default}")
+    add_model_flags(p)  # every mixer.Config field but the vocabulary (from the data); on --resume, the checkpoint's
     t = p.add_argument_group("training")
     t.add_argument("--batch_size", type=positive_int, default=16, help="sequences per micro-batch (per GPU)")
     t.add_argument("--grad_accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -669,7 +822,9 @@ def build_parser():
     t.add_argument("--keep_every", type=positive_int, help="also keep ckpt_stepN.pt every N steps (step 0 included)")
     t.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     add_dtype_flag(t)
-    t.add_argument("--compile", action="store_true", help="torch.compile the model")
+    t.add_argument("--compile", type=boolean, nargs="?", const=True,
+                   help="torch.compile the model where a compiler is available (CUDA, or g++/clang++ on a CPU): "
+                        "the default (on --resume: the run's choice); --compile false trains eager")
     t.add_argument("--seed", type=int, default=1337)
     t.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
     return p
