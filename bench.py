@@ -1,12 +1,13 @@
 """
-Measured speed and memory of the three architectures: training throughput, MFU, generation, and
-the memory a training step needs.
+Measured speed and memory of the architectures: training throughput, MFU, generation, and the memory
+a training step needs. --arch names mixer.py's archs and "toeplitz", the mixer with Toeplitz mixing.
 
     python bench.py --arch all                          # training step table + generation table
     python bench.py --arch mixer --compile              # one arch, torch.compile'd
     python bench.py --arch all --sweep_block_size 128,256,512,1024,2048   # context-length sweep
     python bench.py --memory --arch all --sweep_block_size 512,1024,2048,4096   # memory, the paper's B1 setting
     python bench.py --modes float32,bfloat16,float32+compile,bfloat16+compile --repeats 5   # dtype x compile
+    python bench.py --toeplitz --sweep_block_size 128,256,512,1024,2048,4096   # Toeplitz mixing: dense vs FFT
 
 Speed defaults: a paper-scale model on CUDA (d1024, 8 layers, T512, bf16), a small one on the CPU.
 Each timing is the median of --steps steps after --warmup untimed ones. Prints markdown tables.
@@ -17,6 +18,10 @@ buffers excluded), parameters, their gradients and AdamW's two moments. These ar
 same on any device for the same dtype; on CUDA the allocator's peak over a full step is shown too.
 Attention archs are measured with both attention kernels: sdpa (fused, what you get) and eager (a
 materialised [T, T] softmax, what the paper's transformer used).
+
+--toeplitz times the Toeplitz mixing alone, forward + backward, built as a dense [T, T] matrix
+(mixer.ToeplitzMatmul) and as an FFT convolution (mixer.toeplitz_fft), in interleaved rounds:
+mixer.FFT_FROM, the context length from which the model takes the FFT, comes from this table.
 """
 import argparse
 import dataclasses
@@ -28,13 +33,25 @@ import time
 import torch
 
 from cli import HelpFormatter, add_model_flags, config_from_flags, machine, mean_and_range, positive_int, run
-from mixer import ARCHS, Model
+import mixer
+from mixer import Model
 from train import add_dtype_flag, autocast, make_optimizer, mixed_precision, peak_flops, pick_device, train_step
 
 GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
 MEMORY_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=1)
 MB = 2**20
+# What --arch names: mixer.py's archs, and the masked mixer with Toeplitz mixing
+VARIANTS = {"mixer": dict(arch="mixer"), "toeplitz": dict(arch="mixer", mixing="toeplitz"),
+            "transformer": dict(arch="transformer"), "hybrid": dict(arch="hybrid")}
+
+
+def variant(base, name, **changes):
+    return dataclasses.replace(base, **VARIANTS[name], **changes)
+
+
+def name_of(config):
+    return "toeplitz" if config.arch == "mixer" and config.mixing == "toeplitz" else config.arch
 
 
 def sync(device):
@@ -92,7 +109,7 @@ def bench_modes(base, archs, args, device):
     steps, results = {}, {}
     for arch, mode in itertools.product(archs, args.modes):
         dtype, compile = mode
-        _, step = make_train_step(dataclasses.replace(base, arch=arch), args, device, dtype, compile)
+        _, step = make_train_step(variant(base, arch), args, device, dtype, compile)
         sync(device)
         t0 = time.perf_counter()
         step()  # the first step traces and compiles under --compile
@@ -128,6 +145,45 @@ def print_modes_table(results, archs, args):
                   f"{mean_and_range(ratios, '.2f')}x | "
                   f"{r['first_step_s']:.1f} |")
     print(f"\n(first step: includes tracing and compilation under compile; {args.repeats} interleaved rounds)\n")
+
+
+def bench_toeplitz(args, device):
+    """Seconds of one forward + backward of the flat Toeplitz mixing ([batch, 1, T, n_embd] inputs in
+    the autocast dtype), dense and FFT, median of --steps per round, --repeats interleaved rounds at
+    each context length: {T: {"dense": [...], "fft": [...]}}."""
+    ctx, dtype = autocast(device, args.dtype)
+    results = {}
+    for T in args.sweep or [args.block_size]:
+        g = torch.Generator().manual_seed(0)
+        kernel = (torch.randn(1, T, generator=g) / T).to(device).requires_grad_()
+        v = torch.randn(args.batch_size, 1, T, args.n_embd, generator=g).to(device, getattr(torch, dtype))
+        v.requires_grad_()
+
+        def dense():
+            with ctx:
+                y = mixer.ToeplitzMatmul.apply(kernel, v, 0, T)
+            y.backward(torch.ones_like(y))
+
+        def fft():
+            with ctx:
+                y = mixer.toeplitz_fft(kernel, v)
+            y.backward(torch.ones_like(y))
+
+        results[T] = {"dense": [], "fft": []}
+        for _ in range(args.repeats):
+            for name, fn in (("dense", dense), ("fft", fft)):
+                results[T][name].append(median_seconds(fn, args.steps, args.warmup, device))
+        print(f"  T = {T} timed", flush=True)
+    return results
+
+
+def print_toeplitz_table(results):
+    print("| T | dense (ms) | FFT (ms) | FFT speed-up (dense / FFT), mean (min-max) |\n|---|---|---|---|")
+    for T, r in results.items():
+        ratios = [d / f for d, f in zip(r["dense"], r["fft"])]
+        print(f"| {T} | {mean_and_range([t * 1e3 for t in r['dense']], ',.2f')} | "
+              f"{mean_and_range([t * 1e3 for t in r['fft']], ',.2f')} | {mean_and_range(ratios, '.2f')}x |")
+    print(f"\n(forward + backward; mixer.FFT_FROM = {mixer.FFT_FROM}: the model takes the FFT from there)\n")
 
 
 def bench_generate(config, context, args, device):
@@ -182,8 +238,8 @@ def training_memory(config, args, device):
 
 def memory_rows(base, archs, block_sizes, args, device):
     """(config, MB) for every arch at every block size; attention archs with both kernels."""
-    configs = [dataclasses.replace(base, arch=arch, block_size=T, attn_impl=impl) for T in block_sizes for arch in archs
-               for impl in (("sdpa", "eager") if arch != "mixer" else ("sdpa",))]
+    configs = [variant(base, arch, block_size=T, attn_impl=impl) for T in block_sizes for arch in archs
+               for impl in (("sdpa", "eager") if arch in ("transformer", "hybrid") else ("sdpa",))]
     for config in configs:
         yield config, training_memory(config, args, device)
 
@@ -194,10 +250,10 @@ def print_memory_table(rows, as_json):
     results = []
     for config, m in rows:
         attention = "-" if config.arch == "mixer" else config.attn_impl
-        print(f"| {config.arch} | {attention} | {config.block_size} | {m['param_mb']:,.1f} | "
+        print(f"| {name_of(config)} | {attention} | {config.block_size} | {m['param_mb']:,.1f} | "
               f"{m['grad_mb'] + m['optimizer_mb']:,.1f} | {m['activation_mb']:,.1f} | {m['buffer_mb']:,.1f} | "
               f"{m['total_mb']:,.1f} | {fmt(m['cuda_peak_mb'], ',.0f')} |", flush=True)
-        results.append({"arch": config.arch, "attn_impl": None if config.arch == "mixer" else config.attn_impl,
+        results.append({"arch": name_of(config), "attn_impl": None if config.arch == "mixer" else config.attn_impl,
                         "block_size": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer, **m})
     print("(MB; grads + AdamW = 3 x params: one gradient and two AdamW moments per parameter)\n")
     print_memory_ratios(results)
@@ -207,15 +263,15 @@ def print_memory_table(rows, as_json):
 
 
 def print_memory_ratios(results):
-    """How many times the mixer's memory each transformer needs, per context length."""
-    mixer = {r["block_size"]: r for r in results if r["arch"] == "mixer"}
-    others = [r for r in results if r["arch"] == "transformer" and r["block_size"] in mixer]
-    if not others:
+    """How many times each mixer's memory each transformer needs, per context length."""
+    mixers = {(r["arch"], r["block_size"]): r for r in results if r["arch"] in ("mixer", "toeplitz")}
+    pairs = [(m, r) for r in results if r["arch"] == "transformer"
+             for (kind, T), m in mixers.items() if T == r["block_size"]]
+    if not pairs:
         return
-    print("| T | transformer kernel | activations / mixer's | total / mixer's |\n|---|---|---|---|")
-    for r in others:
-        m = mixer[r["block_size"]]
-        print(f"| {r['block_size']} | {r['attn_impl']} | {r['activation_mb'] / m['activation_mb']:.2f}x | "
+    print("| T | transformer kernel | against | activations / mixer's | total / mixer's |\n|---|---|---|---|---|")
+    for m, r in pairs:
+        print(f"| {r['block_size']} | {r['attn_impl']} | {m['arch']} | {r['activation_mb'] / m['activation_mb']:.2f}x | "
               f"{r['total_mb'] / m['total_mb']:.2f}x |")
     print()
 
@@ -237,7 +293,7 @@ def print_train_table(rows):
     print("| arch | n_embd | n_layer | T | params (non-embedding) | tokens/s | MFU | peak mem (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for config, r in rows:
-        print(f"| {config.arch} | {config.n_embd} | {config.n_layer} | {config.block_size} | "
+        print(f"| {name_of(config)} | {config.n_embd} | {config.n_layer} | {config.block_size} | "
               f"{r['params'] / 1e6:.1f}M ({r['non_embedding'] / 1e6:.2f}M) | {r['tokens_per_s']:,.0f} | {fmt(r['mfu'], '.1%')} | "
               f"{fmt(r['peak_mem_mb'], ',.0f')} |")
     print()
@@ -245,10 +301,13 @@ def print_train_table(rows):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--arch", choices=[*ARCHS, "all"], default="all")
+    p.add_argument("--arch", nargs="+", choices=[*VARIANTS, "all"], default=["all"],
+                   help="all: mixer, toeplitz, transformer, hybrid")
     p.add_argument("--memory", action="store_true", help="count training memory instead of timing")
+    p.add_argument("--toeplitz", action="store_true", help="time the Toeplitz mixing op, dense against FFT, at each "
+                                                           "--sweep_block_size (batch, n_embd and dtype as given)")
     p.add_argument("--json", action="store_true", help="--memory: also one JSON object per row")
-    add_model_flags(p, defaults={"vocab_size": 8192}, skip=("arch", "causal", "attn_impl"),
+    add_model_flags(p, defaults={"vocab_size": 8192}, skip=("arch", "causal", "attn_impl", "mixing"),
                     title="model (mixer.Config; n_embd, n_layer, block_size default by device and mode, see above)")
     p.add_argument("--batch_size", type=positive_int, help="default: by device and mode, see above")
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps (median reported)")
@@ -287,13 +346,18 @@ def bench(args):
     for name, value in sizes.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    archs = ARCHS if args.arch == "all" else (args.arch,)
+    archs = list(VARIANTS) if "all" in args.arch else args.arch
     base = config_from_flags(args, arch="mixer")  # each row sets its own arch
     name = machine(device)
     if args.memory:
         print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, d{args.n_embd}, {args.n_layer} layers, "
               f"batch {args.batch_size}, vocab {args.vocab_size}\n")
         print_memory_table(memory_rows(base, archs, args.sweep or [args.block_size], args, device), args.json)
+        return
+    if args.toeplitz:
+        print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, batch {args.batch_size}, n_embd "
+              f"{args.n_embd}; median of {args.steps} steps per round, {args.repeats} interleaved rounds\n")
+        print_toeplitz_table(bench_toeplitz(args, device))
         return
     if args.modes:
         print(f"device: {name}, batch {args.batch_size}, d{args.n_embd}, {args.n_layer} layers, T{args.block_size}, "
@@ -304,17 +368,16 @@ def bench(args):
           f"batch {args.batch_size}, median of {args.steps} steps after {args.warmup} warm-up\n")
 
     print("Training step, equal width and depth:")
-    rows = [(c, bench_train(c, args, device)) for c in (dataclasses.replace(base, arch=a) for a in archs)]
+    rows = [(c, bench_train(c, args, device)) for c in (variant(base, a) for a in archs)]
     print_train_table(rows)
-    if args.arch == "all":
+    if len(archs) > 1:
         target = rows[0][1]["non_embedding"]
-        print(f"Training step, equal non-embedding parameters (widths matched to the mixer's {target / 1e6:.2f}M):")
-        matched = [dataclasses.replace(base, arch=a, n_embd=matched_width(dataclasses.replace(base, arch=a), target))
-                   for a in archs]
+        print(f"Training step, equal non-embedding parameters (widths matched to the {archs[0]}'s {target / 1e6:.2f}M):")
+        matched = [variant(base, a, n_embd=matched_width(variant(base, a), target)) for a in archs]
         print_train_table([(c, bench_train(c, args, device)) for c in matched])
     if args.sweep:
         print("Context-length sweep:")
-        sweep = [dataclasses.replace(base, arch=a, block_size=t) for t in args.sweep for a in archs]
+        sweep = [variant(base, a, block_size=t) for t in args.sweep for a in archs]
         print_train_table([(c, bench_train(c, args, device)) for c in sweep])
     if args.gen:
         print("Generation (greedy, batch 1, from a prompt of half the context):")
@@ -322,7 +385,7 @@ def bench(args):
         print("|---|---|---|---|---|---|")
         for arch in archs:
             for length in args.gen:
-                config = dataclasses.replace(base, arch=arch, block_size=max(length, base.block_size))
+                config = variant(base, arch, block_size=max(length, base.block_size))
                 cached, full, same = bench_generate(config, length, args, device)
                 print(f"| {arch} | {length} | {cached:,.0f} | {full:,.0f} | {cached / full:.1f}x | {same} |")
 

@@ -19,6 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = ("mixer", "transformer", "hybrid")
+MIXINGS = ("full", "toeplitz")
+# The Toeplitz mixer convolves by FFT from this context length on. On a 2-core CPU (bench.py --toeplitz,
+# RESULTS.md) the FFT is 2-3x faster from 2048 in bf16 and in float32; at 1024 dense wins in bf16.
+FFT_FROM = 2048
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Config:
     n_embd: int = 256
     n_head: int = 4             # attention heads (transformer, hybrid)
     mixer_heads: int = 1        # masked-mixing heads; 1 = the paper's flat mixer (no projections)
+    mixing: str = "full"        # "full": a [T, T] matrix per head (the paper); "toeplitz": T weights per head
     dropout: float = 0.0
     bias: bool = False          # biases in Linear layers (the per-position mixing bias is always on)
     causal: bool = True         # False: unmasked, bidirectional mixing (retrieve.py's retrieval mixer)
@@ -45,14 +50,116 @@ class Config:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.attn_impl not in ("sdpa", "eager"):
             raise ValueError(f"unknown attn_impl {self.attn_impl!r}: choose sdpa or eager")
-        if not self.causal and self.arch != "mixer":
-            raise ValueError("causal=False (bidirectional mixing) is only defined for arch 'mixer'")
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"unknown mixing {self.mixing!r}: choose {' or '.join(MIXINGS)}")
+        if not self.causal and (self.arch != "mixer" or self.mixing != "full"):
+            raise ValueError("causal=False (bidirectional mixing) is only defined for arch 'mixer' with full mixing")
         for heads in ("n_head", "mixer_heads"):
             if self.n_embd % getattr(self, heads):
                 raise ValueError(f"n_embd={self.n_embd} is not divisible by {heads}={getattr(self, heads)}")
         if self.arch != "mixer" and self.n_embd // self.n_head % 2:
             raise ValueError(f"attention heads of n_embd / n_head = {self.n_embd // self.n_head} dimensions: RoPE "
                              "rotates pairs of dimensions, so it must be even")
+
+
+# ---------------------------------------------------------------------------------------- the masked mixing
+
+def masked_mix(weight, bias, x):
+    """The paper's masked mixing as written, for x [B, h, T, dh] with T <= block_size:
+
+        y_i = sum_{j <= i} W[i, j] x_j + b_i,        y = tril(W[:T, :T]) @ x + b[:T]
+
+    One learned [T, T] matrix W (and bias b) per head, mixing along the token axis: the same weights
+    for every input, where attention computes them from the input. The mask keeps the lower triangle
+    (diagonal included), so output i depends on inputs 0..i only: a causal language model. Inputs
+    shorter than T use the top-left corner, which is exact because of the mask. MaskedMixing below
+    computes this same function (the tests check values and gradients) through MaskedMatmul, which
+    saves less for the backward pass, and keeps a cache for generation."""
+    T = x.size(2)
+    return weight[:, :T, :T].tril() @ x + bias[:, :T]  # [h, T, T] @ [B, h, T, dh] -> [B, h, T, dh]
+
+
+def masked(w, diagonal, causal):
+    """The causal mask: zero every entry above the diagonal (shifted by `diagonal`)."""
+    return w.tril(diagonal) if causal else w
+
+
+class MaskedMatmul(torch.autograd.Function):
+    """y = mask(W) @ v for W [h, T, S] and v [B, h, S, dh]: masked_mix's product, with a leaner
+    backward. Autograd would save the masked copy of W for the matmul's backward (and broadcasting
+    over the batch may copy it again): [T, T]-sized activations in every layer, the largest ones at
+    long contexts. Here the backward keeps only W (a parameter, stored anyway) and v, and masks
+    again, so masked entries get exactly zero gradient. diagonal = t0 when rows start at position
+    t0 (the generation cache); causal=False mixes bidirectionally (retrieve.py's retrieval mixer)."""
+
+    @staticmethod
+    def forward(ctx, weight, v, diagonal, causal):
+        ctx.save_for_backward(weight, v)
+        ctx.diagonal, ctx.causal = diagonal, causal
+        return torch.einsum("hts,bhsd->bhtd", masked(weight, diagonal, causal), v)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, v = ctx.saved_tensors
+        w = masked(weight, ctx.diagonal, ctx.causal).to(grad_y.dtype)  # compute in the forward's (autocast) dtype
+        grad_w, grad_v = matmul_grads(w, v, grad_y)
+        return masked(grad_w, ctx.diagonal, ctx.causal).to(weight.dtype), grad_v.to(v.dtype), None, None
+
+
+def matmul_grads(w, v, grad_y):
+    """Gradients of y = w @ v (w [h, T, S], v [B, h, S, dh]): grad_w summed over the batch, grad_v."""
+    grad_v = torch.einsum("hts,bhtd->bhsd", w, grad_y)
+    grad_w = torch.einsum("bhtd,bhsd->hts", grad_y, v.to(grad_y.dtype))
+    return grad_w, grad_v
+
+
+# The Toeplitz variant: W[t, s] = k[t - s], one weight per offset and head (T weights instead of T^2),
+# a causal convolution along the token axis. The author's own follow-up; mixing.py found the trained
+# full mixers close to it.
+
+def offsets(t0, T, S, device):
+    """[T, S] offsets t - s of rows t0 .. t0 + T - 1 and columns 0 .. S - 1 (negative: masked)."""
+    return t0 + torch.arange(T, device=device).unsqueeze(1) - torch.arange(S, device=device)
+
+
+def toeplitz(kernel, t0, T, S):
+    """Rows t0 .. t0 + T - 1 of the masked Toeplitz matrix of kernel [h, L]: [h, T, S], entry (t, s)
+    = kernel[t0 + t - s] on and below the diagonal, 0 above it."""
+    k = offsets(t0, T, S, kernel.device)
+    return kernel[:, k.clamp(min=0)] * (k >= 0)
+
+
+class ToeplitzMatmul(torch.autograd.Function):
+    """y = toeplitz(kernel) @ v for kernel [h, L] and v [B, h, S, dh] (rows t0 .. t0 + T - 1),
+    saving only the kernel and v: the [T, S] matrix is built again in the backward, and its gradient
+    (that of the full mixer) is summed along each diagonal onto the kernel entry it came from."""
+
+    @staticmethod
+    def forward(ctx, kernel, v, t0, T):
+        ctx.save_for_backward(kernel, v)
+        ctx.t0, ctx.T = t0, T
+        return torch.einsum("hts,bhsd->bhtd", toeplitz(kernel, t0, T, v.size(2)).to(v.dtype), v)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        kernel, v = ctx.saved_tensors
+        S = v.size(2)
+        grad_w, grad_v = matmul_grads(toeplitz(kernel, ctx.t0, ctx.T, S).to(grad_y.dtype), v, grad_y)
+        k = offsets(ctx.t0, ctx.T, S, kernel.device)
+        below = k >= 0  # [T, S]
+        grad_kernel = torch.zeros_like(kernel, dtype=grad_w.dtype).index_add_(1, k[below], grad_w[:, below])
+        return grad_kernel.to(kernel.dtype), grad_v.to(v.dtype), None, None
+
+
+def toeplitz_fft(kernel, v):
+    """toeplitz(kernel) @ v for the whole context at once (rows 0 .. S - 1), as a causal convolution by
+    FFT: O(S log S) instead of O(S^2), zero-padded to 2S so nothing wraps around. In float32 (the
+    CPU's FFT has no bf16); autograd saves only O(S) spectra."""
+    S = v.size(2)
+    n = 2 * S
+    spectrum = torch.fft.rfft(kernel[:, :S].float(), n=n).unsqueeze(-1)  # [h, n/2 + 1, 1]
+    y = torch.fft.irfft(spectrum * torch.fft.rfft(v.float(), n=n, dim=2), n=n, dim=2)[:, :, :S]
+    return y.to(v.dtype)  # [B, h, S, dh]
 
 
 # Generation cache: one dict for the whole model, each module storing its past [B, h, t, dh]
@@ -69,63 +176,34 @@ def append_to_cache(cache, key, new):
     return cache[key]
 
 
-class MaskedMatmul(torch.autograd.Function):
-    """y = mask(W) @ v for W [h, T, S] and v [B, h, S, dh], where mask keeps the lower triangle
-    (entries with column <= row + diagonal) or, for bidirectional mixing, everything.
-
-    Written out because autograd would save the masked copy of W for the matmul's backward (and
-    broadcasting over the batch may copy it again): [T, T]-sized activations in every layer, the
-    largest ones at long contexts. Here the backward keeps only W (a parameter, stored anyway) and
-    v, and masks again: grad_W = mask(grad_y^T v summed over the batch), grad_v = mask(W)^T grad_y.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, v, diagonal, causal):
-        ctx.save_for_backward(weight, v)
-        ctx.diagonal, ctx.causal = diagonal, causal
-        return torch.einsum("hts,bhsd->bhtd", masked(weight, diagonal, causal), v)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        weight, v = ctx.saved_tensors
-        w = masked(weight, ctx.diagonal, ctx.causal).to(grad_y.dtype)  # compute in the forward's (autocast) dtype
-        grad_v = torch.einsum("hts,bhtd->bhsd", w, grad_y)
-        grad_w = masked(torch.einsum("bhtd,bhsd->hts", grad_y, v.to(grad_y.dtype)), ctx.diagonal, ctx.causal)
-        return grad_w.to(weight.dtype), grad_v.to(v.dtype), None, None
-
-
-def masked(w, diagonal, causal):
-    """The causal mask: zero every entry above the diagonal (shifted by `diagonal`)."""
-    return w.tril(diagonal) if causal else w
-
-
 class MaskedMixing(nn.Module):
-    """y_i = sum_{j <= i} W[i, j] x_j + b_i, per head, over the token axis.
+    """masked_mix per head, with heads, the generation cache and MaskedMatmul's lean backward.
 
-    W is a learned [T, T] matrix per head (T = block_size). The causal mask (keep the lower
-    triangle) is applied on every forward and again on every backward (MaskedMatmul), so masked
-    entries never influence the output and get exactly zero gradient. No positional encoding is
-    needed: W[i, j] is specific to positions i and j. Inputs shorter than T use the top-left [t, t]
-    corner, which is exact because of the mask.
+    mixing "full" (the paper): W is a learned [T, T] matrix per head (T = block_size); W[i, j] is
+    specific to positions i and j, so no positional encoding is needed. mixing "toeplitz": W[i, j] =
+    k[i - j] from a learned kernel k of T weights per head. Both start as the identity.
     """
 
     def __init__(self, config):
         super().__init__()
         T, h = config.block_size, config.mixer_heads
-        self.n_head, self.causal = h, config.causal
+        self.n_head, self.causal, self.toeplitz = h, config.causal, config.mixing == "toeplitz"
         # heads > 1: each head sees its own projection of x (one Linear, split into heads) and the
         # concatenated heads are projected back. One head is the paper's flat mixer: no projections.
         self.proj_in = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
         self.proj_out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
-        self.weight = nn.Parameter(torch.empty(h, T, T))
         self.bias = nn.Parameter(torch.zeros(h, T, 1))  # one bias per head and output position
         # Init W = identity: each position starts by passing its own state through, so the network
         # begins as a per-token model and learns how much of the past to mix in. Measured on the
         # shared TinyStories slice (d64, 2 layers, T64, 150 steps): identity reached val loss 3.69,
         # zeros 3.83, PyTorch's default random init (scaled per row to its i+1 live inputs) 5.95, no
         # better than unigram: a random mix of earlier tokens drowns each token's own identity.
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(T).expand(h, T, T))
+        if self.toeplitz:
+            self.kernel = nn.Parameter(torch.zeros(h, T))  # k[:, 0]: the diagonal, k[:, 1]: one back, ...
+            with torch.no_grad():
+                self.kernel[:, 0] = 1.0
+        else:
+            self.weight = nn.Parameter(torch.eye(T).repeat(h, 1, 1))  # [h, T, T]
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
@@ -133,9 +211,21 @@ class MaskedMixing(nn.Module):
         t0 = cached_length(cache, self)  # positions computed before this call
         v = append_to_cache(cache, self, v)  # [B, h, t0 + T, dh]
         # rows t0 .. t0 + T - 1 of W see columns 0 .. t0 + T - 1; row t0 + i keeps columns <= t0 + i
-        w = self.weight[:, t0 : t0 + T, : t0 + T]  # [h, T, t0 + T]
-        y = MaskedMatmul.apply(w, v, t0, self.causal) + self.bias[:, t0 : t0 + T]  # [B, h, T, dh]
+        if not self.toeplitz:
+            y = MaskedMatmul.apply(self.weight[:, t0 : t0 + T, : t0 + T], v, t0, self.causal)
+        elif t0 == 0 and T >= FFT_FROM:
+            y = toeplitz_fft(self.kernel, v)
+        else:
+            y = ToeplitzMatmul.apply(self.kernel, v, t0, T)
+        y = y + self.bias[:, t0 : t0 + T]  # [B, h, T, dh]
         return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
+
+    def matrix(self):
+        """[h, T, T]: the masked mixing matrix each head applies (for mixing.py and the tests)."""
+        if self.toeplitz:
+            T = self.kernel.size(1)
+            return toeplitz(self.kernel, 0, T, T)
+        return masked(self.weight, 0, self.causal)
 
 
 def rope_tables(head_dim, block_size, base=10000.0):
@@ -352,7 +442,7 @@ class Model(nn.Module):
         three. Counted dense, as executed (nanoGPT counts attention the same way).
         """
         T = T or self.config.block_size
-        dense = sum(p.numel() for p in self.parameters() if p.dim() == 2) - self.wte.weight.numel()
+        dense = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         seq_matmuls = {"mixer": 1, "transformer": 2, "hybrid": 3}[self.config.arch]
         forward = 2 * dense + self.config.n_layer * seq_matmuls * 2 * T * self.config.n_embd
         return 3 * forward

@@ -8,7 +8,9 @@ same for every input, so it can be looked at directly.
     python mixing.py --init mixer --block_size 32 --n_layer 2          # untrained: W = I
 
 For each mixing layer and head (mixer and hybrid) it shows tril(W), the matrix the forward pass
-applies (upper triangle blank), and W - I, what training added to the identity init. For each
+applies (upper triangle blank), and W - I, what training added to the identity init. A Toeplitz mixer
+(train.py --mixing toeplitz) is shown the same way: its W is built from its kernel, so its profile is
+the kernel itself and its Toeplitz score is 1 by construction. For each
 attention layer and head (transformer and hybrid), the attention probabilities averaged over --n
 story openings from --data_dir's val.bin: an attention map depends on its input, so this is an
 average over inputs, not a fixed matrix. Both get the same numbers, printed as a table (--json too):
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from cli import HelpFormatter, UserError, positive_int, pyplot, run
-from mixer import Attention, MaskedMixing, attention_probs, masked
+from mixer import Attention, MaskedMixing, attention_probs
 from represent import add_model_flags, models_to_test, story_inputs
 
 RANK_TOL = 1e-2  # relative to the largest singular value
@@ -90,8 +92,8 @@ def statistics(w):
 def mixing_matrices(model):
     """[(layer, head, tril(W) [T, T])]: each mixing matrix as the forward pass applies it."""
     mixings = [m for m in model.modules() if isinstance(m, MaskedMixing)]
-    return [(layer, head, masked(m.weight[head], 0, m.causal).detach().float())
-            for layer, m in enumerate(mixings, 1) for head in range(m.n_head)]
+    return [(layer, head, matrix.detach().float())
+            for layer, m in enumerate(mixings, 1) for head, matrix in enumerate(m.matrix())]
 
 
 @torch.no_grad()

@@ -27,6 +27,9 @@ VARIANTS = {
     "transformer": dict(arch="transformer"),
     "transformer-eager": dict(arch="transformer", attn_impl="eager"),
     "hybrid": dict(arch="hybrid", mixer_heads=2),
+    "toeplitz": dict(arch="mixer", mixing="toeplitz"),
+    "toeplitz-2head": dict(arch="mixer", mixing="toeplitz", mixer_heads=2),
+    "hybrid-toeplitz": dict(arch="hybrid", mixing="toeplitz", mixer_heads=2),
 }
 
 
@@ -95,7 +98,86 @@ def test_masked_matmul_matches_autograd_through_an_explicit_mask(causal, diagona
     assert all(torch.allclose(a, b) for a, b in zip(ours, plain))
 
 
-@pytest.mark.parametrize("variant", ["mixer", "mixer-2head", "transformer", "hybrid"])
+def test_the_paper_line_and_masked_matmul_agree_in_values_and_gradients():
+    """mixer.masked_mix is the paper's y = tril(W[:T, :T]) @ x + b as written; MaskedMixing (through
+    MaskedMatmul, which saves less for backward) must compute the same thing."""
+    mix = tiny_model("mixer-2head", n_layer=1).blocks[0].mix
+    x = torch.randn(3, 2, 11, 16, dtype=torch.double, requires_grad=True)  # [B, h, T < block_size, dh]
+    w, b = mix.weight.detach().double().requires_grad_(), mix.bias.detach().double().requires_grad_()
+    plain = mixer.masked_mix(w, b, x)
+    lean = mixer.MaskedMatmul.apply(w[:, :11, :11], x, 0, True) + b[:, :11]
+    grad_y = torch.randn_like(plain)
+    assert torch.allclose(plain, lean)
+    assert all(torch.allclose(p, q) for p, q in zip(torch.autograd.grad(plain, (w, b, x), grad_y),
+                                                    torch.autograd.grad(lean, (w, b, x), grad_y)))
+
+
+@pytest.mark.parametrize("t0", [0, 3])
+def test_toeplitz_matmul_is_the_full_mixer_with_a_toeplitz_matrix(t0):
+    g = torch.Generator().manual_seed(0)
+    T, S = 5, 5 + t0
+    kernel = torch.randn(2, 9, dtype=torch.double, generator=g, requires_grad=True)  # [h, block_size]
+    v = torch.randn(3, 2, S, 4, dtype=torch.double, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda k, v: mixer.ToeplitzMatmul.apply(k, v, t0, T), (kernel, v))
+    # the same W written out entry by entry (W[t, s] = kernel[t0 + t - s] on and below the diagonal)
+    zero = kernel.new_zeros(())
+    w = torch.stack([torch.stack([torch.stack([kernel[h, t0 + t - s] if t0 + t >= s else zero for s in range(S)])
+                                  for t in range(T)]) for h in range(2)])
+    grad_y = torch.randn(3, 2, T, 4, dtype=torch.double, generator=g)
+    ours = mixer.ToeplitzMatmul.apply(kernel, v, t0, T)
+    full = mixer.MaskedMatmul.apply(w, v, t0, True)
+    assert torch.allclose(ours, full)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(ours, (kernel, v), grad_y),
+                                                    torch.autograd.grad(full, (kernel, v), grad_y)))
+
+
+def test_toeplitz_under_bf16_autocast_and_the_fft_path_agree_with_float32_dense():
+    g = torch.Generator().manual_seed(0)
+    kernel = (torch.randn(2, 64, generator=g) / 8).requires_grad_()
+    v = torch.randn(3, 2, 64, 8, generator=g, requires_grad=True)
+    grad_y = torch.randn(3, 2, 64, 8, generator=g)
+    dense = mixer.ToeplitzMatmul.apply(kernel, v, 0, 64)
+    reference = (dense, *torch.autograd.grad(dense, (kernel, v), grad_y))
+    fft = mixer.toeplitz_fft(kernel, v)
+    for a, b in zip(reference, (fft, *torch.autograd.grad(fft, (kernel, v), grad_y))):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = mixer.ToeplitzMatmul.apply(kernel, v.bfloat16(), 0, 64)
+        low_fft = mixer.toeplitz_fft(kernel, v.bfloat16())
+    for y in (low, low_fft):  # bf16's precision (about 3 digits), whatever the CPU's rounding
+        assert y.dtype == torch.bfloat16
+        assert (y.float() - dense).abs().max() < 0.05 * dense.abs().max()
+    for a, b in zip(torch.autograd.grad(low.float(), (kernel, v), grad_y), reference[1:]):
+        assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_a_long_context_toeplitz_model_takes_the_fft_and_gives_the_same_logits(monkeypatch):
+    model = tiny_model("toeplitz-2head")
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense, _ = model(idx)
+        monkeypatch.setattr(mixer, "FFT_FROM", 8)  # "long" from 8 tokens on
+        calls = []
+        monkeypatch.setattr(mixer, "toeplitz_fft", lambda k, v, fft=mixer.toeplitz_fft: calls.append(1) or fft(k, v))
+        by_fft, _ = model(idx)
+        assert len(calls) == 2 and torch.allclose(dense, by_fft, atol=1e-5)
+        cache = {}  # the cache extends one row at a time: dense rows, the same logits
+        stepwise = torch.cat([model(idx[:, t : t + 1], cache=cache)[0] for t in range(16)], dim=1)
+    assert len(calls) == 2 and torch.allclose(stepwise, by_fft, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixing", ["full", "toeplitz"])
+def test_only_the_toeplitz_mixers_parameters_grow_linearly_with_the_context(mixing):
+    count = {T: Model(Config(arch="mixer", mixing=mixing, mixer_heads=2, vocab_size=64, n_layer=2, n_embd=32,
+                             block_size=T)).num_params() for T in (16, 32, 64)}
+    growth = [count[32] - count[16], count[64] - count[32]]
+    if mixing == "toeplitz":  # kernel and bias: 2 heads x 2 layers x 2 weights per position
+        assert growth == [8 * 16, 8 * 32]
+    else:
+        assert growth[1] > 3 * growth[0]  # T^2
+
+
+@pytest.mark.parametrize("variant", ["mixer", "mixer-2head", "transformer", "hybrid", "toeplitz-2head", "hybrid-toeplitz"])
 def test_gradients_of_every_parameter_match_finite_differences(variant):
     """float64, eval mode: autograd's gradient of the loss with respect to every parameter, the token
     embedding (the inputs) included, against central differences. Catches a hand-written backward
@@ -112,14 +194,14 @@ def test_gradients_of_every_parameter_match_finite_differences(variant):
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "toeplitz"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
     """The training modes of a CPU with native bf16 (autocast, optionally torch.compile): earlier outputs
     are exactly blind to a later token, and masked mixing weights get exactly zero gradient."""
     if compiled and not HAS_C_COMPILER:
         pytest.skip("torch.compile on the CPU needs a C compiler")
-    model = tiny_model(arch).train()
+    model = tiny_model(arch).train()  # (arch "toeplitz": the Toeplitz mixer variant)
     run = torch.compile(model) if compiled else model
     idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     changed = idx.clone()
@@ -135,6 +217,9 @@ def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
     assert (logits[:, 5:] != logits_changed[:, 5:]).any(-1).all()
     above = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)
     for m in (m for m in model.modules() if isinstance(m, MaskedMixing)):
+        if m.toeplitz:  # nothing above the diagonal to mask: every offset is learned
+            assert torch.count_nonzero(m.kernel.grad) == m.kernel.numel()
+            continue
         assert torch.count_nonzero(m.weight.grad[:, above]) == 0
         assert torch.count_nonzero(m.weight.grad[:, ~above]) > 0.9 * (~above).sum() * m.weight.size(0)
 
@@ -781,6 +866,23 @@ def test_ddp_under_torchrun_on_cpu(prepared, tmp_path, capsys):
     assert "written by 2 processes" in cli_error(capsys, run_train, *args, "--resume")
 
 
+def test_the_toeplitz_mixer_trains_resumes_exactly_and_samples(prepared, tmp_path, capsys):
+    flags = ["--data_dir", prepared, *TINY_RUN, "--mixing", "toeplitz", "--lr_schedule", "constant", "--eval_interval", 10]
+    run_train(*flags, "--max_iters", 40, "--out_dir", tmp_path / "straight")
+    run_train(*flags, "--max_iters", 20, "--out_dir", tmp_path / "resumed")
+    run_train(*flags, "--max_iters", 40, "--out_dir", tmp_path / "resumed", "--resume")
+    losses = lambda log: [(r["step"], r["train_loss"], r["val_loss"]) for r in log]  # noqa: E731
+    assert losses(read_log(tmp_path / "resumed")) == losses(read_log(tmp_path / "straight"))
+    log = read_log(tmp_path / "straight")
+    assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"]) - 1.0
+    model, _ = train.load_model(tmp_path / "straight" / "ckpt.pt")
+    mixing = [p for m in model.modules() if isinstance(m, MaskedMixing) for p in m.parameters()]
+    assert model.config.mixing == "toeplitz" and max(p.numel() for p in mixing) == 64  # T weights, not T^2
+    capsys.readouterr()
+    sample.main(["--ckpt", str(tmp_path / "straight" / "ckpt.pt"), "--max_new_tokens", "20", "--prompt", "Once"])
+    assert capsys.readouterr().out.startswith("Once")
+
+
 def test_sample_generates_from_a_checkpoint(prepared, tmp_path, capsys):
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 100, "--eval_interval", 100)
     capsys.readouterr()
@@ -801,11 +903,11 @@ def test_bench_smoke(capsys):
                 "--block_size", "16", "--batch_size", "2", "--vocab_size", "256", "--gen_lengths", "16",
                 "--sweep_block_size", "8,16"])
     out = capsys.readouterr().out
-    train_rows = re.findall(r"^\| (mixer|transformer|hybrid) \| \d+ \| 1 \| (\d+) \| [\d.]+M \([\d.]+M\) \| [\d,]+ \|",
-                            out, re.M)
-    assert len(train_rows) == 3 + 3 + 6  # equal size, equal params, sweep of two lengths
+    train_rows = re.findall(r"^\| (mixer|toeplitz|transformer|hybrid) \| \d+ \| 1 \| (\d+) \| [\d.]+M \([\d.]+M\) \| "
+                            r"[\d,]+ \|", out, re.M)
+    assert len(train_rows) == 4 + 4 + 8  # equal size, equal params, sweep of two lengths
     gen_rows = re.findall(r"^\| (\w+) \| 16 \| [\d,]+ \| [\d,]+ \| [\d.]+x \| (True|False) \|$", out, re.M)
-    assert [same for _, same in gen_rows] == ["True"] * 3
+    assert [same for _, same in gen_rows] == ["True"] * 4
 
 
 def test_bench_modes_interleave_and_report_speed_ups(capsys):
@@ -814,7 +916,7 @@ def test_bench_modes_interleave_and_report_speed_ups(capsys):
     out = capsys.readouterr().out
     rows = re.findall(r"^\| (\w+) \| (float32|bfloat16) \| [\d,]+ \([\d,]+-[\d,]+\) \| ([\d.]+) \(([\d.]+)-([\d.]+)\)x \| [\d.]+ \|$",
                       out, re.M)
-    assert [(arch, mode) for arch, mode, *_ in rows] == [(a, m) for a in ARCHS for m in ("float32", "bfloat16")]
+    assert [(arch, mode) for arch, mode, *_ in rows] == [(a, m) for a in bench.VARIANTS for m in ("float32", "bfloat16")]
     assert all(r[2:] == ("1.00", "1.00", "1.00") for r in rows if r[1] == "float32")  # the reference mode
     assert out.count("round ") == 2
 
@@ -825,12 +927,22 @@ def test_memory_json_rows_and_what_they_count(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [(r["arch"], r["attn_impl"], r["block_size"]) for r in rows] == [
         (arch, impl, T) for T in (32, 128) for arch, impl in
-        [("mixer", None), ("transformer", "sdpa"), ("transformer", "eager"), ("hybrid", "sdpa"), ("hybrid", "eager")]]
+        [("mixer", None), ("toeplitz", None), ("transformer", "sdpa"), ("transformer", "eager"), ("hybrid", "sdpa"),
+         ("hybrid", "eager")]]
     for r in rows:
-        model = Model(Config(arch=r["arch"], vocab_size=256, block_size=r["block_size"], n_layer=1, n_embd=32))
+        model = Model(Config(**bench.VARIANTS[r["arch"]], vocab_size=256, block_size=r["block_size"], n_layer=1,
+                             n_embd=32))
         assert r["param_mb"] == pytest.approx(model.num_params() * 4 / 2**20)
         assert r["grad_mb"] == r["param_mb"] and r["optimizer_mb"] == 2 * r["param_mb"]
         assert r["activation_mb"] > 0 and r["cuda_peak_mb"] is None
+
+
+def test_bench_toeplitz_times_dense_and_fft_in_rounds(capsys):
+    bench.main(["--toeplitz", "--sweep_block_size", "16,32", "--n_embd", "8", "--batch_size", "2", "--repeats", "2",
+                "--steps", "1", "--warmup", "1"])
+    rows = re.findall(r"^\| (\d+) \| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+ \([\d.]+-[\d.]+\)x \|$",
+                      capsys.readouterr().out, re.M)
+    assert rows == ["16", "32"]
 
 
 def activation_mb(arch, T, **kw):
@@ -857,6 +969,8 @@ def test_mixer_activations_grow_linearly_with_context():
     """The masked mixing must not keep [T, T]-sized copies for backward: 4x the context, at most about
     4x the activations. The eager transformer keeps its [T, T] attention and grows faster."""
     assert activation_mb("mixer", 512) < 4.2 * activation_mb("mixer", 128)
+    assert activation_mb("mixer", 512, mixing="toeplitz") < 4.2 * activation_mb("mixer", 128, mixing="toeplitz")
+    assert activation_mb("mixer", 512, mixing="toeplitz") <= activation_mb("mixer", 512)
     assert activation_mb("transformer", 512, attn_impl="eager") > 6 * activation_mb("transformer", 128, attn_impl="eager")
 
 
@@ -1152,6 +1266,17 @@ def test_shown_mixing_matrix_is_the_one_the_forward_pass_applies():
     assert mixing.mixing_matrices(model)[0][2][9, 2] == shown[9, 2] + 5.0
 
 
+def test_a_toeplitz_mixers_matrix_is_its_kernel_at_every_offset():
+    model = tiny_model("toeplitz", n_layer=1)
+    (_, _, shown), = mixing.mixing_matrices(model)
+    kernel = model.blocks[0].mix.kernel[0].detach()
+    assert mixing.toeplitz_score(shown.double()) == pytest.approx(1.0)  # by construction
+    assert mixing.kernel_profile(shown).tolist() == pytest.approx(kernel.tolist())
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.blocks[0].mix(x) - model.blocks[0].mix.bias[0], shown @ x, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["transformer", "hybrid"])
 def test_averaged_attention_rows_sum_to_one_and_are_causal(arch):
     model = tiny_model(arch)
@@ -1307,6 +1432,8 @@ BAD_INPUTS = [
     ("train", [*TRAIN, "--block_size", "-5"], "block_size must be at least 1"),
     ("train", [*TRAIN, "--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
     ("train", [*TRAIN, "--dropout", "1.5"], "dropout must be in [0, 1)"),
+    ("train", [*TRAIN, "--mixing", "circulant"], "unknown mixing 'circulant': choose full or toeplitz"),
+    ("train", [*TRAIN, "--compile", "maybe"], "'maybe' is not true or false"),
     ("train", [*TRAIN, "--max_iters", "0"], "not a positive integer"),
     ("train", [*TRAIN, "--eval_iters", "0"], "not a positive integer"),
     ("train", [*TRAIN, "--grad_accum", "0"], "not a positive integer"),
