@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from cli import HelpFormatter, add_model_flags, config_from_flags, machine, mean_and_range, positive_int, run
+from cli import VARIANTS, HelpFormatter, add_model_flags, config_from_flags, machine, mean_and_range, positive_int, run
 import mixer
 from mixer import Model
 from train import add_dtype_flag, autocast, make_optimizer, mixed_precision, peak_flops, pick_device, train_step
@@ -41,11 +41,6 @@ GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
 MEMORY_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=1)
 MB = 2**20
-# What --arch names: mixer.py's archs, and the masked mixer with Toeplitz mixing
-VARIANTS = {"mixer": dict(arch="mixer"), "toeplitz": dict(arch="mixer", mixing="toeplitz"),
-            "transformer": dict(arch="transformer"), "hybrid": dict(arch="hybrid")}
-
-
 def variant(base, name, **changes):
     return dataclasses.replace(base, **VARIANTS[name], **changes)
 

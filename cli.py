@@ -64,6 +64,18 @@ def boolean(text):
     return value
 
 
+# The models that compare.py and bench.py name on their command lines: each arch of mixer.py, and the
+# masked mixer with Toeplitz mixing (Config fields; "toeplitz" is train.py --arch mixer --mixing toeplitz)
+VARIANTS = {"mixer": {"arch": "mixer"}, "toeplitz": {"arch": "mixer", "mixing": "toeplitz"},
+            "transformer": {"arch": "transformer"}, "hybrid": {"arch": "hybrid"}}
+COLOURS = {"mixer": "tab:blue", "toeplitz": "tab:purple", "transformer": "tab:orange", "hybrid": "tab:green"}
+
+
+def variant_flags(name):
+    """train.py flags of a VARIANTS name: toeplitz -> --arch mixer --mixing toeplitz."""
+    return [arg for field, value in VARIANTS[name].items() for arg in (f"--{field}", value)]
+
+
 def add_model_flags(parser, defaults=None, skip=("arch", "vocab_size", "causal"), title="model (mixer.Config)"):
     """One flag per mixer.Config field but those in skip, typed as the field (Config checks the values).
     defaults: {field: value} where a script's default differs from Config's; a flag without one is None

@@ -39,8 +39,8 @@ from typing import NamedTuple
 import torch
 
 import train
-from cli import HelpFormatter, UserError, machine, mean_and_range, positive_float, positive_int, pyplot, run
-from mixer import ARCHS
+from cli import (COLOURS, VARIANTS, HelpFormatter, UserError, machine, mean_and_range, positive_float, positive_int,
+                 pyplot, run, variant_flags)
 
 CURVE_FIELDS = ["arch", "point", "seed", "step", "tokens", "elapsed_s", "train_loss", "val_loss"]
 OWN_FLAGS = ("--max_minutes", "--resume")  # compare.py sets these itself for every run
@@ -167,7 +167,7 @@ def train_all(args, train_argv, runs, stage=""):
               flush=True)
         swept = [arg for flag, value in run.point.items() for arg in (f"--{flag}", value)]
         # a time budget: --max_iters must not end the run first, unless the user asked for it
-        argv = ["--max_iters", str(10**9), *train_argv, *swept, "--arch", run.arch, "--seed", str(run.seed),
+        argv = ["--max_iters", str(10**9), *train_argv, *swept, *variant_flags(run.arch), "--seed", str(run.seed),
                 "--out_dir", str(run.out_dir), "--max_minutes", str(args.minutes)] + (["--resume"] if resume else [])
         summary = train.train(train.parse_args(argv))
         if summary["interrupted"]:
@@ -270,9 +270,6 @@ def finish_results(args, lines, results):
         writer.writeheader()
         writer.writerows(row for r in results for row in r["rows"])
     print("\n".join(lines))
-
-
-COLOURS = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
 
 
 def curves_pyplot(out_dir):
@@ -380,7 +377,8 @@ def compare(args, train_argv, command):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS), help="which archs, in this order")
+    p.add_argument("--archs", nargs="+", choices=VARIANTS, default=["mixer", "transformer", "hybrid"],
+                   help="which archs, in this order (toeplitz: the mixer with --mixing toeplitz)")
     p.add_argument("--minutes", type=positive_float, default=10.0, help="training time per run")
     p.add_argument("--seeds", type=positive_int, default=1, help="runs per arch, with seeds --seed, --seed + 1, ...; "
                                                                  "with --sweep, confirmation seeds --seed + 1, ...")

@@ -788,6 +788,23 @@ class SlowFirstCall(torch.nn.Module):
         return self.model(*args, **kwargs)
 
 
+def test_clock_cpu_counts_this_process_cpu_time_not_other_work(prepared, tmp_path, monkeypatch):
+    cpu = {"t": 0.0}  # a fake CPU clock: 1 s per step, while the wall clock races on (other work)
+    monkeypatch.setattr(train.time, "process_time", lambda: cpu["t"])
+    monkeypatch.setattr(train, "now", lambda: cpu["t"] * 5)
+    real_step = train.train_step
+
+    def step(*args, **kwargs):
+        cpu["t"] += 1.0
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 10**6, "--max_minutes", 0.25,
+              "--eval_interval", 5, "--clock", "cpu")
+    assert [(int(r["step"]), float(r["elapsed_s"])) for r in read_log(tmp_path)][-1] == (15, 15.0)
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["train_args"]["clock"] == "cpu"
+
+
 def test_compile_is_the_default_and_its_first_step_is_not_training_time(prepared, tmp_path, fake_clock, monkeypatch,
                                                                         capsys):
     compiled = []
@@ -1434,6 +1451,8 @@ BAD_INPUTS = [
     ("train", [*TRAIN, "--dropout", "1.5"], "dropout must be in [0, 1)"),
     ("train", [*TRAIN, "--mixing", "circulant"], "unknown mixing 'circulant': choose full or toeplitz"),
     ("train", [*TRAIN, "--compile", "maybe"], "'maybe' is not true or false"),
+    ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--clock", "cpu"],
+     "counted its training time with --clock wall"),
     ("train", [*TRAIN, "--max_iters", "0"], "not a positive integer"),
     ("train", [*TRAIN, "--eval_iters", "0"], "not a positive integer"),
     ("train", [*TRAIN, "--grad_accum", "0"], "not a positive integer"),

@@ -292,13 +292,15 @@ def default_eval_iters(args, device, block_size):
 class Clock:
     """Training seconds: time outside paused() blocks (evals, checkpoint writes, the first compiled
     step), so that an equal --max_minutes is equal training time for every arch. sync (CUDA) waits
-    for queued work at each pause, so that work is counted where it ran."""
+    for queued work at each pause, so that work is counted where it ran. source: the clock read
+    (now: wall-clock; time.process_time: this process's CPU time, --clock cpu)."""
 
-    def __init__(self, trained_s=0.0, sync=lambda: None):
-        self.origin, self.paused_at, self.sync = now() - trained_s, None, sync
+    def __init__(self, trained_s=0.0, sync=lambda: None, source=None):
+        self.source, self.sync = source or (lambda: now()), sync
+        self.origin, self.paused_at = self.source() - trained_s, None
 
     def seconds(self):
-        return (now() if self.paused_at is None else self.paused_at) - self.origin
+        return (self.source() if self.paused_at is None else self.paused_at) - self.origin
 
     @contextlib.contextmanager
     def paused(self):
@@ -306,12 +308,12 @@ class Clock:
             yield
             return
         self.sync()
-        self.paused_at = now()
+        self.paused_at = self.source()
         try:
             yield
         finally:
             self.sync()
-            self.origin += now() - self.paused_at
+            self.origin += self.source() - self.paused_at
             self.paused_at = None
 
 
@@ -603,6 +605,11 @@ class Run:
             args.eval_iters = ckpt["train_args"].get("eval_iters")  # the run's own eval batches
         if args.compile is None:  # compile by default; a resume keeps the run's choice
             args.compile = ckpt["train_args"].get("compile", True) if ckpt is not None else True
+        saved_clock = ckpt["train_args"].get("clock", "wall") if ckpt is not None else None
+        if args.clock and saved_clock and args.clock != saved_clock:
+            raise TrainError(f"{self.ckpt_path} counted its training time with --clock {saved_clock}: drop the flag "
+                             "to resume it, or train into a new --out_dir")
+        args.clock = args.clock or saved_clock or "wall"
         args.eval_iters = default_eval_iters(args, device, config.block_size)
         # Per-rank seeds: each DDP rank draws its own windows and dropout masks (DDP copies rank 0's
         # initial weights to the others, so the init still agrees).
@@ -624,7 +631,8 @@ class Run:
         if problem:
             self.report.print(f"compile: {problem}; training eager (--compile false hides this line)")
         self.model, self.compile_pending = self.wrap(args.compile and not problem), args.compile and not problem
-        self.clock = Clock(self.state.elapsed, torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+        self.clock = Clock(self.state.elapsed, torch.cuda.synchronize if device.type == "cuda" else lambda: None,
+                           time.process_time if args.clock == "cpu" else None)
 
     def wrap(self, compile):
         """The model as trained: torch.compile'd and/or wrapped for DDP."""
@@ -810,6 +818,10 @@ def build_parser():
     t.add_argument("--max_iters", type=positive_int, default=5000, help="step budget")
     t.add_argument("--max_minutes", type=positive_float, help="time budget (training time, evals excluded); the lr "
                                                                "schedule runs over whichever budget ends first")
+    t.add_argument("--clock", choices=["wall", "cpu"],
+                   help="what --max_minutes counts: wall (the default), or this process's CPU time (all its threads), "
+                        "which other work on a shared machine does not eat into: with one thread per run, equal "
+                        "compute. Kept on --resume")
     t.add_argument("--weight_decay", type=nonneg_float, default=0.1)
     t.add_argument("--grad_clip", type=nonneg_float, default=1.0, help="max gradient norm; 0 disables")
     t.add_argument("--eval_interval", type=positive_int, default=250, help="steps between evals (and checkpoints)")
