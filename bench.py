@@ -190,9 +190,9 @@ def bench_generate(config, context, args, device):
     new = context - prompt.size(1)
     tokens, speed = {}, {}
     for use_cache in (True, False):
-        def run(use_cache=use_cache):
+        def generate(use_cache=use_cache):
             tokens[use_cache] = model.generate(prompt, new, temperature=0, use_cache=use_cache)
-        speed[use_cache] = new / median_seconds(run, max(1, args.steps // 3), 1, device)
+        speed[use_cache] = new / median_seconds(generate, max(1, args.steps // 3), 1, device)
     return speed[True], speed[False], torch.equal(tokens[True], tokens[False])
 
 

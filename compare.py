@@ -29,6 +29,7 @@ is then stretched over the new budget, which is not quite the same as training t
 import argparse
 import csv
 import itertools
+import json
 import re
 import shlex
 import statistics
@@ -36,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 import train
@@ -156,19 +158,19 @@ def is_finished(ckpt_path, minutes):
 
 
 def train_all(args, train_argv, runs, stage=""):
-    for n, run in enumerate(runs, 1):
-        ckpt_path = run.out_dir / "ckpt.pt"
-        what = f"[{stage}{n}/{len(runs)}] {run.arch}" + (f" {point_name(run.point)}" if run.point else "") + f" seed {run.seed}"
+    for n, job in enumerate(runs, 1):
+        ckpt_path = job.out_dir / "ckpt.pt"
+        what = f"[{stage}{n}/{len(runs)}] {job.arch}" + (f" {point_name(job.point)}" if job.point else "") + f" seed {job.seed}"
         if is_finished(ckpt_path, args.minutes):
-            print(f"{what}: done already ({run.out_dir})")
+            print(f"{what}: done already ({job.out_dir})")
             continue
         resume = ckpt_path.exists()
-        print(f"{what}: {'continuing' if resume else 'training'} for {args.minutes:g} minutes into {run.out_dir}",
+        print(f"{what}: {'continuing' if resume else 'training'} for {args.minutes:g} minutes into {job.out_dir}",
               flush=True)
-        swept = [arg for flag, value in run.point.items() for arg in (f"--{flag}", value)]
+        swept = [arg for flag, value in job.point.items() for arg in (f"--{flag}", value)]
         # a time budget: --max_iters must not end the run first, unless the user asked for it
-        argv = ["--max_iters", str(10**9), *train_argv, *swept, *variant_flags(run.arch), "--seed", str(run.seed),
-                "--out_dir", str(run.out_dir), "--max_minutes", str(args.minutes)] + (["--resume"] if resume else [])
+        argv = ["--max_iters", str(10**9), *train_argv, *swept, *variant_flags(job.arch), "--seed", str(job.seed),
+                "--out_dir", str(job.out_dir), "--max_minutes", str(args.minutes)] + (["--resume"] if resume else [])
         summary = train.train(train.parse_args(argv))
         if summary["interrupted"]:
             raise UserError("interrupted: run the same command again to continue where it stopped")
@@ -231,11 +233,29 @@ def arch_table(results, archs):
     return lines, final_val
 
 
+def val_at_tokens(result, tokens):
+    """A run's val loss when it had seen `tokens` tokens (linear between its evals)."""
+    rows = result["rows"]
+    return float(np.interp(tokens, [int(r["tokens"]) for r in rows], [float(r["val_loss"]) for r in rows]))
+
+
+def equal_tokens(results, archs):
+    """The per-token view: (lines, tokens, {arch: [val loss per seed]}) at the token count that every
+    run reached (where the slowest one ended), so a reader sees how much of an equal-time win is speed."""
+    tokens = min(int(r["rows"][-1]["tokens"]) for r in results)
+    at = {arch: [val_at_tokens(r, tokens) for r in results if r["arch"] == arch] for arch in archs}
+    lines = [f"At equal tokens: val loss when every run had seen {tokens / 1e6:.2f}M tokens (where the slowest one "
+             "ended; linear between evals), mean (min-max) over seeds:", "", "| arch | val loss at equal tokens |",
+             "|---|---|", *(f"| {arch} | {mean_and_range(v, '.3f')} |" for arch, v in at.items()), "", *ranking(at)]
+    return lines, tokens, at
+
+
 def write_results(args, results, command):
     table, final_val = arch_table(results, args.archs)
-    lines = [f"# Equal wall-clock comparison: {args.minutes:g} minutes per run, {args.seeds} seed(s)", "",
+    lines = [f"# Equal-time comparison: {args.minutes:g} minutes per run, {args.seeds} seed(s)", "",
              f"`{command}`", "", setting_line(results[0], args.machine), "", *table, "",
-             "Losses are the last eval of each run; with several seeds, mean (min-max).", "", *ranking(final_val)]
+             "Losses are the last eval of each run; with several seeds, mean (min-max).", "", *ranking(final_val), "",
+             *equal_tokens(results, args.archs)[0]]
     finish_results(args, lines, results)
 
 
@@ -257,9 +277,16 @@ def write_sweep_results(args, grid, selection, confirmation, best, command):
         lines.append(f"- {arch}: {point_name(best[arch])}" +
                      (f" ({'; '.join(notes)}: the optimum may lie outside the grid)" if notes else " (inside the grid)"))
     table, final_val = arch_table(confirmation, args.archs)
+    at_tokens, tokens, at = equal_tokens(confirmation, args.archs)
     lines += ["", *table, "", "Confirmation runs only (the selection run is not counted); last eval of each run, "
-              "mean (min-max) over seeds.", "", "## Verdict", "", *ranking(final_val)]
+              "mean (min-max) over seeds.", "", "## Verdict", "", *ranking(final_val), "", *at_tokens]
     finish_results(args, lines, selection + confirmation)
+    summary = {"block_size": confirmation[0]["config"]["block_size"], "layout": confirmation[0]["layout"],
+               "minutes": args.minutes, "machine": args.machine, "command": command, "equal_tokens": tokens,
+               "archs": {arch: {"point": best[arch], "edge": edge_notes(grid, best[arch]), "val": final_val[arch],
+                                "tokens": [int(r["rows"][-1]["tokens"]) for r in confirmation if r["arch"] == arch],
+                                "val_at_equal_tokens": at[arch]} for arch in args.archs}}
+    (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def finish_results(args, lines, results):
@@ -348,6 +375,68 @@ def plot_sweep(args, grid, selection, confirmation, best):
     save(fig, args.out_dir)
 
 
+# ---------------------------------------------------------------------------------------- --summary
+
+def summarize(args):
+    """summary.md and summary.png over several sweeps (one per context length, say): each arch's
+    confirmed val loss against the setting, at equal time and at equal tokens, with the verdicts."""
+    sweeps = []
+    for folder in args.summary:
+        path = Path(folder) / "summary.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found: run compare.py --sweep ... --out_dir {folder} to the end first")
+        sweeps.append(json.loads(path.read_text()))
+    sweeps.sort(key=lambda s: s["block_size"])
+    archs = list(dict.fromkeys(arch for s in sweeps for arch in s["archs"]))
+    lines = ["# Each arch at its best learning rate, by context length", "",
+             f"`{shlex.join(['python', 'compare.py', '--summary', *args.summary])}`", "",
+             f"Machine: {sweeps[0]['machine']}; {sweeps[0]['minutes']:g} minutes per run; commands: the results.md "
+             "beside each summary.json.", ""]
+    for title, key in (("Equal time: val loss at the end of each run", "val"),
+                       ("Equal tokens: val loss where the slowest run of the setting ended", "val_at_equal_tokens")):
+        lines += [f"## {title}", "", "| T | " + " | ".join(archs) + " | verdict |", "|---|" + "---|" * (len(archs) + 1)]
+        for s in sweeps:
+            cells = [summary_cell(s["archs"][a], key) if a in s["archs"] else "-" for a in archs]
+            verdict = " ".join(ranking({a: r[key] for a, r in s["archs"].items()}))
+            lines.append(f"| {s['block_size']} | " + " | ".join(cells) + f" | {verdict} |")
+        lines.append("")
+    lines.append("Cells: mean (min-max) over the confirmation seeds, each arch's best point and its tokens seen (M); "
+                 "'edge': that best point lies at the edge of its grid.")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.out_dir) / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot_summary(args, sweeps, archs)
+
+
+def summary_cell(result, key):
+    edge = " (edge)" if result["edge"] else ""
+    return (f"{mean_and_range(result[key], '.3f')}, {point_name(result['point'])}{edge}, "
+            f"{statistics.mean(result['tokens']) / 1e6:.2f}M")
+
+
+def plot_summary(args, sweeps, archs):
+    plt = pyplot("summary.png", f"the numbers are in {Path(args.out_dir) / 'summary.md'}")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, title in zip(axes, ("val", "val_at_equal_tokens"), ("equal time", "equal tokens")):
+        for arch in archs:
+            points = [(s["block_size"], s["archs"][arch][key]) for s in sweeps if arch in s["archs"]]
+            T = [t for t, _ in points]
+            mean = np.array([statistics.mean(v) for _, v in points])
+            spread = [mean - [min(v) for _, v in points], [max(v) for _, v in points] - mean]
+            ax.errorbar(T, mean, yerr=spread, marker="o", capsize=4, color=COLOURS[arch], label=arch)
+        ax.set(xscale="log", xlabel="context length T", title=f"{title} (each arch at its best lr; bars: seed range)")
+        ax.set_xticks([s["block_size"] for s in sweeps], [str(s["block_size"]) for s in sweeps])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val loss (confirmation seeds)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(Path(args.out_dir) / "summary.png", dpi=110)
+    print(f"wrote {Path(args.out_dir) / 'summary.png'}")
+
+
 def compare(args, train_argv, command):
     bad = [flag for flag in train_argv if flag.split("=")[0] in OWN_FLAGS]
     if bad:
@@ -386,9 +475,13 @@ def main(argv=None):
     p.add_argument("--out_dir", default="out-compare", help="one folder per run, plus results.md and the curves")
     p.add_argument("--sweep", nargs="+", metavar="FLAG=V1,V2", help="a grid over train.py flags: each arch's best "
                                                                       "point is chosen on --seed, confirmed on --seeds fresh seeds")
+    p.add_argument("--summary", nargs="+", metavar="DIR", help="no training: summary.md and summary.png across the "
+                                                                "--out_dir folders of finished sweeps")
     args, train_argv = p.parse_known_args(argv)
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         p.error(f"--out_dir {args.out_dir} is a file, not a folder")
+    if args.summary:
+        return run("compare.py", summarize, args)
     run("compare.py", lambda a: compare(a, train_argv, shlex.join(["python", "compare.py", *argv])), args)
 
 

@@ -1529,6 +1529,7 @@ BAD_INPUTS = [
     ("compare", ["--sweep", "seed=1,2", "--out_dir", "{ws}/cmp"], "sets --seed itself"),
     ("compare", ["--sweep", "lr=1e-3,3e-3", "--lr", "1e-3", "--out_dir", "{ws}/cmp"], "given twice"),
     ("compare", ["--sweep", "lr=1e-3,1e-3", "--out_dir", "{ws}/cmp"], "listed twice"),
+    ("compare", ["--summary", "{ws}/data", "--out_dir", "{ws}/cmp"], "summary.json not found"),
     ("recall", ["--settings", "16:5", "--out_dir", "{ws}/rc"], "5 pairs do not fit a sequence of 16"),
     ("recall", ["--settings", "64:4", "--vocab_size", "6", "--out_dir", "{ws}/rc"], "too small for 4 pairs"),
     ("recall", ["--settings", "64", "--out_dir", "{ws}/rc"], "not SEQ_LEN:PAIRS"),
@@ -1749,17 +1750,17 @@ def test_compare_trains_each_arch_then_writes_the_table_and_curves(prepared, tmp
     assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
 
 
-def fake_training(final_val, trained):
+def fake_training(final_val, trained, tokens=None):
     """A stand-in for train.train that writes what compare.py reads: log.csv and a checkpoint whose
-    final val loss is final_val[(arch, lr, seed)]."""
+    final val loss is final_val[(arch, lr, seed)], after tokens[arch] tokens (default 1000)."""
     def fake(args):
         trained.append((args.arch, args.lr, args.seed))
         out = Path(args.out_dir)
         out.mkdir(parents=True)
-        val = final_val[args.arch, args.lr, args.seed]
+        val, seen = final_val[args.arch, args.lr, args.seed], (tokens or {}).get(args.arch, 1000)
         (out / "log.csv").write_text("step,tokens,train_loss,val_loss,elapsed_s\n0,0,9.0,9.0,0.0\n"
-                                     f"10,1000,{val - 0.1},{val},{args.max_minutes * 60}\n")
-        torch.save({"model": {"w": torch.zeros(3)}, "config": {"n_embd": 8, "n_layer": 1, "block_size": 8,
+                                     f"10,{seen},{val - 0.1},{val},{args.max_minutes * 60}\n")
+        torch.save({"model": {"w": torch.zeros(3)}, "config": {"n_embd": 8, "n_layer": 1, "block_size": args.block_size,
                     "vocab_size": 64}, "data_meta": {}, "train_args": {"layout": "packed", "max_iters": args.max_iters},
                     "elapsed": args.max_minutes * 60, "step": 10}, out / "ckpt.pt")
         return {"interrupted": False}
@@ -1792,6 +1793,29 @@ def test_sweep_selects_on_the_selection_seed_and_judges_on_fresh_seeds(tmp_path,
     trained.clear()
     compare.main(argv)  # unchanged: nothing is trained again
     assert trained == [] and capsys.readouterr().out.count("done already") == 8
+
+
+def test_the_equal_tokens_view_and_the_summary_across_sweeps(tmp_path, monkeypatch, capsys):
+    """Fake runs at two context lengths: the mixer sees 1000 tokens in its time, the transformer 500.
+    At equal time the mixer ends lower; at equal tokens (500) the transformer does."""
+    final_val = {(arch, lr, seed): value for arch, base in (("mixer", 3.0), ("transformer", 3.5))
+                 for lr, extra in ((1e-3, 0.0), (1e-2, 0.5)) for seed, value in ((1337, base + extra), (1338, base + extra),
+                                                                                  (1339, base + extra + 0.2))}
+    monkeypatch.setattr(compare.train, "train", fake_training(final_val, [], tokens={"transformer": 500}))
+    for T in (8, 16):
+        compare.main(["--sweep", "lr=1e-3,1e-2", "--archs", "mixer", "transformer", "--seeds", "2", "--minutes", "1",
+                      "--block_size", str(T), "--out_dir", str(tmp_path / f"T{T}")])
+    table = (tmp_path / "T8" / "results.md").read_text()
+    assert "mixer < transformer by 0.500: every seed of mixer ends below every seed of transformer." in table
+    # at 500 tokens the mixer's curve is halfway from 9.0 to its final loss: 6.0 and 6.1
+    assert "| mixer | 6.050 (6.000-6.100) |" in table and "| transformer | 3.600 (3.500-3.700) |" in table
+    assert "transformer < mixer by 2.450: every seed of transformer ends below every seed of mixer." in table
+    capsys.readouterr()
+    compare.main(["--summary", str(tmp_path / "T16"), str(tmp_path / "T8"), "--out_dir", str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text()
+    assert re.findall(r"^\| (\d+) \| 3\.100 \(3\.000-3\.200\), lr=1e-3 \(edge\), 0\.00M \| 3\.600", summary, re.M) == ["8", "16"]
+    assert summary.count("| mixer < transformer by 0.500") == 2 and summary.count("transformer < mixer by 2.450") == 2
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_tiny_sweep_trains_writes_the_grid_and_resumes(prepared, tmp_path, capsys):
