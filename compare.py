@@ -192,18 +192,22 @@ def final_val_loss(result):
     return float(result["rows"][-1]["val_loss"])
 
 
-def ranking(final_val):
-    """What the seeds allow us to say about the archs' order, one sentence per neighbouring pair."""
-    if all(len(v) == 1 for v in final_val.values()):
+def ranking(by_arch, higher_is_better=False, fmt=".3f", unit=""):
+    """What the seeds allow us to say about the archs' order ({arch: [value per seed]}, a loss unless
+    higher_is_better), one sentence per neighbouring pair: a ranking only where every seed of one arch
+    ends beyond every seed of the other."""
+    if all(len(v) == 1 for v in by_arch.values()):
         return ["One seed per arch: no spread was measured, so no ranking is claimed (use --seeds 2 or more)."]
-    order = sorted(final_val, key=lambda a: statistics.mean(final_val[a]))
+    order = sorted(by_arch, key=lambda a: statistics.mean(by_arch[a]), reverse=higher_is_better)
+    sign, side = (">", "above") if higher_is_better else ("<", "below")
     lines = []
     for better, worse in zip(order, order[1:]):
-        gap = statistics.mean(final_val[worse]) - statistics.mean(final_val[better])
-        if max(final_val[better]) < min(final_val[worse]):
-            lines.append(f"{better} < {worse} by {gap:.3f}: every seed of {better} ends below every seed of {worse}.")
+        gap = format(abs(statistics.mean(by_arch[worse]) - statistics.mean(by_arch[better])), fmt) + unit
+        apart = min(by_arch[better]) > max(by_arch[worse]) if higher_is_better else max(by_arch[better]) < min(by_arch[worse])
+        if apart:
+            lines.append(f"{better} {sign} {worse} by {gap}: every seed of {better} ends {side} every seed of {worse}.")
         else:
-            lines.append(f"{better} vs {worse}: {gap:.3f} apart, within the spread between seeds: no ranking.")
+            lines.append(f"{better} vs {worse}: {gap} apart, within the spread between seeds: no ranking.")
     return lines
 
 

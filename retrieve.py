@@ -18,6 +18,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import shlex
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -27,11 +29,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import AtomicFile, HelpFormatter, Progress, UserError, nonneg_float, nonneg_int, positive_float, positive_int, run
+from cli import (COLOURS, AtomicFile, HelpFormatter, Progress, UserError, machine, mean_and_range, nonneg_float,
+                 nonneg_int, positive_float, positive_int, pyplot, run)
+from compare import ranking
 from data_prep import check_inputs, load_encoding, read_stories
 from mixer import Block, Config
 from train import (Schedule, add_dtype_flag, atomic_save, autocast, load_checkpoint, load_model, make_optimizer,
                    mixed_precision, pick_device, train_step)
+
+
+# Defaults of retrieve.py train (and compare's --steps), per method
+DEFAULT_LR = {"infonce": 1e-4, "mixer": 1e-3}
+DEFAULT_STEPS = {"infonce": 300, "mixer": 2000}
 
 
 class RetrievalError(UserError):
@@ -69,6 +78,11 @@ def fingerprint(model):
 def tokenize(texts, enc):
     """Token ids of each text (an empty text becomes one <|endoftext|>)."""
     return [enc.encode_ordinary(text) or [enc.eot_token] for text in texts]
+
+
+def texts_of(pairs, enc):
+    """(summary token ids, story token ids) of pairs."""
+    return tokenize([p["summary"] for p in pairs], enc), tokenize([p["story"] for p in pairs], enc)
 
 
 def windows(ids, block_size, long):
@@ -335,37 +349,65 @@ def load_retrieval_model(path, d_in):
     return model.eval()
 
 
-def train_retrieval_mixer(summaries, stories, args):
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a retrieval model trains: InfoNCE fine-tuning of the language model (method "infonce", the
+    paper's v2+) or the v1 retrieval mixer on frozen embeddings (method "mixer"). The flags of
+    retrieve.py train, whose defaults are measured (README, Retrieval)."""
+    method: str
+    lr: float
+    steps: int
+    warmup_iters: int
+    weight_decay: float
+    seed: int
+    dtype: str = "auto"
+    log_interval: int = 100
+    group: int = 32            # infonce: pairs per group (in-batch negatives)
+    temperature: float = 0.02  # infonce
+    long: str = "last"         # infonce: how texts longer than the context are embedded
+    batch_size: int = 32       # mixer: queries per step
+    candidates: int = 32       # mixer: candidates per query
+    width: int = 256           # mixer
+    n_layer: int = 2           # mixer
+
+    @classmethod
+    def of(cls, args, **changes):
+        """The recipe of retrieve.py's flags (args), with changes."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in changes}, **changes)
+
+
+def train_retrieval_mixer(summaries, stories, recipe):
+    """A v1 retrieval mixer trained on frozen embeddings [n, d] of matching summaries and stories."""
     n = len(stories)
-    if n <= args.candidates:
-        raise RetrievalError(f"{n} training pairs: need more than --candidates {args.candidates}")
-    torch.manual_seed(args.seed)
-    model = RetrievalMixer(summaries.size(1), args.candidates, args.width, args.n_layer)
-    g = torch.Generator().manual_seed(args.seed)
+    if n <= recipe.candidates:
+        raise RetrievalError(f"{n} training pairs: need more than --candidates {recipe.candidates}")
+    torch.manual_seed(recipe.seed)
+    model = RetrievalMixer(summaries.size(1), recipe.candidates, recipe.width, recipe.n_layer)
+    g = torch.Generator().manual_seed(recipe.seed)
 
     def next_loss():
-        queries = torch.randint(0, n, (args.batch_size,), generator=g)
+        queries = torch.randint(0, n, (recipe.batch_size,), generator=g)
         # fresh negatives every step: candidates drawn among all stories, the true one at a random slot
-        cands = torch.randint(0, n - 1, (args.batch_size, args.candidates), generator=g)
+        cands = torch.randint(0, n - 1, (recipe.batch_size, recipe.candidates), generator=g)
         cands = cands + (cands >= queries.unsqueeze(1)).long()
-        true_col = torch.randint(0, args.candidates, (args.batch_size,), generator=g)
-        cands[torch.arange(args.batch_size), true_col] = queries
+        true_col = torch.randint(0, recipe.candidates, (recipe.batch_size,), generator=g)
+        cands[torch.arange(recipe.batch_size), true_col] = queries
         return F.cross_entropy(model(slots(summaries[queries], stories, cands)), true_col)
 
-    fit(model, next_loss, args, torch.device("cpu"), chance=np.log(args.candidates))
+    fit(model, next_loss, recipe, torch.device("cpu"), chance=np.log(recipe.candidates))
     return model
 
 
-def fit(model, next_loss, args, device, chance):
-    """Train model for --steps steps through train.py's optimizer, schedule and step (warmup, then
-    cosine decay; clipping; the fp16 loss scaler), printing the loss every --log_interval steps."""
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
-    schedule = Schedule(args.lr, args.warmup_iters)
-    ctx, scaler, _ = mixed_precision(device, args.dtype)
-    for step in range(args.steps):
-        lr = schedule.lr_at(step / args.steps, step, args.warmup_iters / args.steps)
+def fit(model, next_loss, recipe, device, chance):
+    """Train model for recipe.steps steps through train.py's optimizer, schedule and step (warmup,
+    then cosine decay; clipping; the fp16 loss scaler), printing the loss every log_interval steps."""
+    optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay, device)
+    schedule = Schedule(recipe.lr, recipe.warmup_iters)
+    ctx, scaler, _ = mixed_precision(device, recipe.dtype)
+    for step in range(recipe.steps):
+        lr = schedule.lr_at(step / recipe.steps, step, recipe.warmup_iters / recipe.steps)
         loss = train_step(optimizer, scaler, next_loss, lr, ctx)
-        if (step + 1) % args.log_interval == 0 or step + 1 == args.steps:
+        if (step + 1) % recipe.log_interval == 0 or step + 1 == recipe.steps:
             print(f"step {step + 1}: loss {loss.item():.4f} (chance {chance:.4f}), lr {lr:.2e}", flush=True)
 
 
@@ -382,28 +424,33 @@ def infonce_loss(queries, stories, temperature):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+def fine_tune(model, summaries, stories, recipe, device):
+    """InfoNCE fine-tuning of a language model (in place) on token ids of matching summaries and
+    stories: a summary's embedding should be closest (cosine) to its own story's among the
+    recipe.group stories of its group."""
+    if len(summaries) < recipe.group:
+        raise RetrievalError(f"{len(summaries)} pairs: need at least --group {recipe.group}")
+    torch.manual_seed(recipe.seed)
+    model.train()
+
+    def next_loss():  # texts longer than the context are embedded as eval will embed them (--long)
+        group = torch.randperm(len(summaries))[: recipe.group].tolist()
+        return infonce_loss(embed_batch(model, [summaries[i] for i in group], recipe.long, device),
+                            embed_batch(model, [stories[i] for i in group], recipe.long, device), recipe.temperature)
+
+    fit(model, next_loss, recipe, device, chance=np.log(recipe.group))
+    return model.eval()
+
+
 def train_infonce(args):
-    """Fine-tune the generative model so that a summary's embedding is closest (cosine) to its own
-    story's among the --group stories of its batch: symmetric InfoNCE with temperature."""
+    """retrieve.py train --method infonce: fine-tune --ckpt on --pairs, save it as a checkpoint."""
     device = pick_device(args.device)
     model, meta = load_model(args.ckpt, device)
     enc = load_encoding(meta)
     pairs = read_pairs(args.pairs)
-    if len(pairs) < args.group:
-        raise RetrievalError(f"{len(pairs)} pairs: need at least --group {args.group}")
-    summaries = tokenize([p["summary"] for p in pairs], enc)
-    stories = tokenize([p["story"] for p in pairs], enc)
-    torch.manual_seed(args.seed)
-    model.train()
-
-    def next_loss():  # texts longer than the context are embedded as eval will embed them (--long)
-        group = torch.randperm(len(pairs))[: args.group].tolist()
-        return infonce_loss(embed_batch(model, [summaries[i] for i in group], args.long, device),
-                            embed_batch(model, [stories[i] for i in group], args.long, device), args.temperature)
-
     print(f"fine-tuning {model.config.arch} on {len(pairs):,} pairs, device {device}, "
           f"{mixed_precision(device, args.dtype)[2]}")
-    fit(model, next_loss, args, device, chance=np.log(args.group))
+    fine_tune(model, *texts_of(pairs, enc), Recipe.of(args), device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(model.config),
                  "data_meta": meta}, args.out)
@@ -411,7 +458,7 @@ def train_infonce(args):
 
 
 def cmd_train(args):
-    args.lr = args.lr or {"mixer": 1e-3, "infonce": 1e-4}[args.method]
+    args.lr, args.steps = args.lr or DEFAULT_LR[args.method], args.steps or DEFAULT_STEPS[args.method]
     if args.method == "infonce":
         if not (args.ckpt and args.pairs):
             raise RetrievalError("--method infonce fine-tunes a generative model: give --ckpt and --pairs")
@@ -419,10 +466,218 @@ def cmd_train(args):
     if not args.emb:
         raise RetrievalError("--method mixer trains on frozen embeddings: give --emb (from retrieve.py embed)")
     summaries, stories = load_embeddings(args.emb)
-    model = train_retrieval_mixer(summaries, stories, args)
+    model = train_retrieval_mixer(summaries, stories, Recipe.of(args))
     atomic_save({"model": model.state_dict(), "d_in": summaries.size(1), "candidates": args.candidates,
                  "width": args.width, "n_layer": args.n_layer}, args.out)
     print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------------------------------- compare
+
+def variant_of(config):
+    """The cli.VARIANTS name of a model config: its arch, or "toeplitz"."""
+    return "toeplitz" if config["arch"] == "mixer" and config.get("mixing") == "toeplitz" else config["arch"]
+
+
+def language_models(paths):
+    """({variant: [(LM seed, checkpoint path), ...] in seed order}, the data meta they share). The
+    first checkpoint of each variant is its selection model: the learning rates are chosen on it."""
+    found, metas = {}, set()
+    for path in paths:
+        ckpt = load_checkpoint(path, needs=("config", "data_meta", "train_args"))
+        found.setdefault(variant_of(ckpt["config"]), []).append((ckpt["train_args"]["seed"], str(path)))
+        metas.add(json.dumps(ckpt["data_meta"], sort_keys=True))
+    if len(metas) > 1:
+        raise RetrievalError("the checkpoints were trained on different data (their data meta differ): compare "
+                             "the models of one language-model comparison")
+    return {variant: sorted(runs) for variant, runs in found.items()}, json.loads(metas.pop())
+
+
+def retrieval_data(args, enc):
+    """Token ids (summaries, stories) of three splits: fit and val from --pairs (val: --val_pairs of
+    them, drawn with a fixed seed; it chooses the learning rates) and --held_out (reported only)."""
+    pairs, held_out = read_pairs(args.pairs), read_pairs(args.held_out)
+    if len(pairs) < 2 * args.val_pairs:
+        raise RetrievalError(f"{args.pairs} has {len(pairs)} pairs: too few to hold out --val_pairs {args.val_pairs}")
+    order = np.random.default_rng(0).permutation(len(pairs))
+    return {"fit": texts_of([pairs[i] for i in order[args.val_pairs:]], enc),
+            "val": texts_of([pairs[i] for i in order[: args.val_pairs]], enc), "held_out": texts_of(held_out, enc)}
+
+
+def frozen_embeddings(model, texts, args, device):
+    """Embeddings [n, d] (float32) of (summary ids, story ids) by a model that is not trained further."""
+    with autocast(device, args.dtype)[0]:
+        return tuple(torch.from_numpy(embed_texts(model, ids, args.long, args.batch_size, device)) for ids in texts)
+
+
+def metrics_by_n(score, n_pairs, counts, seed):
+    """{N: rank metrics} of score (candidate sets [Q, N] -> scores) on the fixed candidate sets of each N."""
+    metrics = {}
+    for n in counts:
+        cands, true_col = candidate_sets(n_pairs, n, seed)
+        metrics[str(n)] = rank_metrics(score(cands), true_col)
+    return metrics
+
+
+def retrieval_run(method, path, lr, seed, data, args, device):
+    """Train one retrieval model from the LM at path and score it on the val and held-out pairs:
+    {"val": {N: metrics}, "held_out": {N: metrics}}. infonce fine-tunes the LM and scores by cosine at
+    every N; the v1 mixer scores its own number of candidates. raw: the LM as it is, by cosine."""
+    model, _ = load_model(path, device)
+    recipe = Recipe.of(args, method=method, lr=lr, seed=seed, steps=args.steps if method == "infonce" else args.v1_steps)
+    if method == "infonce":
+        fine_tune(model, *data["fit"], recipe, device)
+    elif method == "mixer":
+        retrieval_mixer = train_retrieval_mixer(*frozen_embeddings(model, data["fit"], args, device), recipe).eval()
+    results = {}
+    for split in ("val", "held_out"):
+        queries, stories = frozen_embeddings(model, data[split], args, device)
+        if method == "mixer":
+            counts, score = [recipe.candidates], lambda c: mixer_scores(retrieval_mixer, queries, stories, c)  # noqa: B023
+        else:
+            counts, score = candidate_counts(len(queries)), lambda c: cosine_scores(queries, stories, c)  # noqa: B023
+        results[split] = metrics_by_n(score, len(queries), counts, args.seed)
+    return results
+
+
+class Runs:
+    """results.jsonl in --out_dir: every finished run, one line each, keyed by all that sets its result;
+    a run found there is read back, not trained again (an interrupted comparison continues)."""
+
+    def __init__(self, args, data, device):
+        self.args, self.data, self.device = args, data, device
+        self.path = Path(args.out_dir) / "results.jsonl"
+        self.done = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+    def get(self, method, variant, lm_seed, path, lr, seed, stage):
+        args = self.args
+        key = {"method": method, "variant": variant, "lm_seed": lm_seed, "ckpt": path, "lr": lr, "seed": seed,
+               "steps": {"infonce": args.steps, "mixer": args.v1_steps}.get(method), "pairs_file": args.pairs,
+               "held_out_file": args.held_out, "val_pairs": args.val_pairs, "long": args.long,
+               **{f: getattr(args, f) for f in ("warmup_iters", "weight_decay", "group", "temperature", "batch_size",
+                                                "candidates", "width", "n_layer")}}
+        found = next((r for r in self.done if all(r.get(k) == v for k, v in key.items())), None)
+        what = f"[{stage}] {method} {variant} (LM seed {lm_seed})" + (f" lr {lr:g}" if lr else "")
+        if found is None:
+            print(f"{what}: training", flush=True)
+            started = time.time()
+            found = {**key, **retrieval_run(method, path, lr, seed, self.data, args, self.device),
+                     "seconds": time.time() - started}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(found) + "\n")
+            self.done.append(found)
+        print(f"{what}: val top-1 {top1_at_first(found['val']):.1%}, held-out {top1_at_first(found['held_out']):.1%}",
+              flush=True)
+        return found
+
+
+def top1_at_first(metrics):
+    """top-1 at the smallest N scored (N = 32: the comparison's headline)."""
+    return metrics[min(metrics, key=int)]["top1"]
+
+
+def compare_method(runs, method, lrs, models):
+    """Each variant's grid on its selection LM (fine-tuning seed 0), the best lr by validation top-1
+    at N = 32, then that lr on every LM of the variant with a fresh fine-tuning seed (1):
+    {variant: {"grid": [runs], "best": lr, "confirmed": [runs]}}."""
+    out = {}
+    for variant, lms in models.items():
+        grid = [runs.get(method, variant, *lms[0], lr, 0, "grid") for lr in lrs]
+        best = max(grid, key=lambda r: top1_at_first(r["val"]))["lr"]
+        out[variant] = {"grid": grid, "best": best,
+                        "confirmed": [runs.get(method, variant, *lm, best, 1, "confirm") for lm in lms]}
+    return out
+
+
+def cmd_compare(args):
+    device = pick_device(args.device)
+    models, meta = language_models(args.ckpt)
+    data = retrieval_data(args, load_encoding(meta))
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    runs = Runs(args, data, device)
+    raw = {variant: [runs.get("raw", variant, *lm, None, None, "raw") for lm in lms] for variant, lms in models.items()}
+    infonce = compare_method(runs, "infonce", args.lrs, models)
+    v1 = compare_method(runs, "mixer", args.v1_lrs, models) if args.v1_lrs else None
+    query_ids, story_ids = ([np.asarray(t) for t in texts] for texts in data["held_out"])
+    n_held = len(query_ids)
+    bm25 = metrics_by_n(lambda c: bm25_scores(query_ids, story_ids, c), n_held, candidate_counts(n_held), args.seed)
+    write_retrieval_results(args, models, raw, infonce, v1, bm25, data)
+    plot_retrieval(args, infonce, bm25)
+
+
+def held_out_cell(runs, n):
+    values = [r["held_out"][str(n)]["top1"] * 100 for r in runs if str(n) in r["held_out"]]
+    return mean_and_range(values, ".1f") if values else "-"
+
+
+def method_lines(title, result, lrs):
+    """The grid (validation top-1 at the smallest N per lr), the confirmed held-out table and the verdict."""
+    first = next(iter(result.values()))["confirmed"][0]["held_out"]
+    counts, n = sorted(map(int, first)), min(map(int, first))  # N = 32 ...; the v1 mixer: its own candidates
+    edge = lambda lr: " (edge)" if lr in (min(lrs), max(lrs)) else ""  # noqa: E731
+    lines = [f"## {title}", "", f"Grid: validation top-1 (%) at N = {n} on each arch's selection LM (fine-tuning "
+             "seed 0):", "", "| arch | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best |",
+             "|---|" + "---|" * (len(lrs) + 1)]
+    for variant, r in result.items():
+        cells = [f"{100 * top1_at_first(g['val']):.1f}" for g in r["grid"]]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {r['best']:g}{edge(r['best'])} |")
+    lines += ["", "Held-out top-1 (%) at each arch's best lr, every LM seed fine-tuned again (seed 1), mean (min-max):", "",
+              "| arch | best lr | " + " | ".join(f"N = {c}" for c in counts) + " |", "|---|---|" + "---|" * len(counts)]
+    for variant, r in result.items():
+        lines.append(f"| {variant} | {r['best']:g} | " + " | ".join(held_out_cell(r["confirmed"], c) for c in counts) + " |")
+    verdict = {v: [top1_at_first(c["held_out"]) * 100 for c in r["confirmed"]] for v, r in result.items()}
+    return lines + ["", f"Verdict at N = {n}: " + " ".join(ranking(verdict, higher_is_better=True, fmt=".1f",
+                                                                  unit=" points")), ""]
+
+
+def write_retrieval_results(args, models, raw, infonce, v1, bm25, data):
+    counts = [int(n) for n in bm25]
+    lms = "; ".join(f"{v}: " + ", ".join(path for _, path in lm) for v, lm in models.items())
+    lines = ["# Retrieval, each arch at its best fine-tuning learning rate", "",
+             f"`{shlex.join(['python', 'retrieve.py', *args.argv])}`", "",
+             f"Machine: {machine(pick_device(args.device))}, torch {torch.__version__}. Language models: {lms}. "
+             f"Pairs: {len(data['fit'][0]):,} to fit and {len(data['val'][0]):,} to choose the lr (both from "
+             f"{args.pairs}), {len(data['held_out'][0]):,} held out ({args.held_out}), reported here only. InfoNCE "
+             f"{args.steps} steps, group {args.group}, temperature {args.temperature:g}, --long {args.long}; "
+             f"warmup {args.warmup_iters}, weight decay {args.weight_decay:g}.", "",
+             "Held-out top-1 (%) without training (raw embeddings, cosine) and by word overlap:", "",
+             "| scorer | " + " | ".join(f"N = {n}" for n in counts) + " |", "|---|" + "---|" * len(counts),
+             "| BM25 (no model) | " + " | ".join(f"{100 * bm25[str(n)]['top1']:.1f}" for n in counts) + " |"]
+    lines += [f"| {v}, raw | " + " | ".join(held_out_cell(r, n) for n in counts) + " |" for v, r in raw.items()]
+    lines += ["", *method_lines("InfoNCE fine-tuning (the paper's v2+)", infonce, args.lrs)]
+    if v1:
+        lines += method_lines(f"v1: a retrieval mixer on frozen embeddings ({args.v1_steps} steps, "
+                              f"{args.candidates} candidates)", v1, args.v1_lrs)
+    (Path(args.out_dir) / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot_retrieval(args, infonce, bm25):
+    """results.png: held-out top-1 against N (each arch at its best lr; BM25 dashed), and the
+    validation top-1 at N = 32 against the fine-tuning lr."""
+    plt = pyplot("results.png", f"the numbers are in {Path(args.out_dir) / 'results.md'}")
+    if plt is None:
+        return
+    fig, (by_n, by_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    counts = [int(n) for n in bm25]
+    for variant, r in infonce.items():
+        top1 = np.array([[c["held_out"][str(n)]["top1"] for n in counts] for c in r["confirmed"]]) * 100
+        mean = top1.mean(0)
+        by_n.errorbar(counts, mean, yerr=[mean - top1.min(0), top1.max(0) - mean], marker="o", capsize=3,
+                      color=COLOURS[variant], label=f"{variant} (lr {r['best']:g})")
+        by_lr.plot(args.lrs, [100 * top1_at_first(g["val"]) for g in r["grid"]], marker="o", color=COLOURS[variant],
+                   label=variant)
+    by_n.plot(counts, [100 * bm25[str(n)]["top1"] for n in counts], "k--", label="BM25")
+    by_n.set(xscale="log", xlabel="candidates N", ylabel="held-out top-1 (%)", title="InfoNCE, each at its best lr")
+    by_n.set_xticks(counts, [str(n) for n in counts])
+    by_lr.set(xscale="log", xlabel="fine-tuning lr", ylabel="validation top-1 at N = 32 (%)", title="the grid")
+    for ax in (by_n, by_lr):
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(args.out_dir) / "results.png", dpi=110)
+    print(f"wrote {Path(args.out_dir) / 'results.png'}")
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -468,6 +723,19 @@ def cmd_search(args):
         print(f"{rank:>2}. {score:.3f}  #{i}  {shown}" + ("\n" if args.full else ""))
 
 
+def recipe_flags(parser):
+    """The training flags of train and compare (Recipe): optimisation, InfoNCE and the v1 mixer."""
+    r = parser.add_argument_group("training (both methods: train.py's optimizer, schedule and step)")
+    r.add_argument("--warmup_iters", type=nonneg_int, default=50, help="steps of linear warmup, then cosine decay")
+    r.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW's, on matrices (train.make_optimizer)")
+    r.add_argument("--log_interval", type=positive_int, default=100)
+    r.add_argument("--group", type=positive_int, default=32, help="infonce: pairs per group (in-batch negatives)")
+    r.add_argument("--temperature", type=positive_float, default=0.02, help="infonce: as in the author's code")
+    r.add_argument("--candidates", type=positive_int, default=32, help="mixer: candidates per query (chance = 1/N)")
+    r.add_argument("--width", type=positive_int, default=256, help="mixer: hidden width")
+    r.add_argument("--n_layer", type=positive_int, default=2, help="mixer: blocks")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -493,16 +761,26 @@ def parse_args(argv=None):
     t.add_argument("--ckpt", help="infonce: the generative model to fine-tune")
     t.add_argument("--pairs", help="infonce: the training pairs")
     t.add_argument("--out", required=True, help="mixer: retrieval model .pt; infonce: fine-tuned checkpoint .pt")
-    t.add_argument("--steps", type=positive_int, default=2000)
-    t.add_argument("--lr", type=positive_float, help="default: 1e-3 for mixer, 1e-4 for infonce")
-    t.add_argument("--warmup_iters", type=nonneg_int, default=50, help="steps of linear warmup, then cosine decay")
-    t.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW's, on matrices (train.make_optimizer)")
-    t.add_argument("--log_interval", type=positive_int, default=100)
-    t.add_argument("--candidates", type=positive_int, default=32, help="mixer: candidates per query (chance = 1/N)")
-    t.add_argument("--width", type=positive_int, default=256, help="mixer: hidden width")
-    t.add_argument("--n_layer", type=positive_int, default=2, help="mixer: blocks")
-    t.add_argument("--group", type=positive_int, default=32, help="infonce: pairs per group (in-batch negatives)")
-    t.add_argument("--temperature", type=positive_float, default=0.02, help="infonce: as in the author's code")
+    t.add_argument("--steps", type=positive_int, help=f"default: {DEFAULT_STEPS['infonce']} for infonce, "
+                                                      f"{DEFAULT_STEPS['mixer']} for mixer")
+    t.add_argument("--lr", type=positive_float, help=f"default: {DEFAULT_LR['infonce']:g} for infonce, "
+                                                     f"{DEFAULT_LR['mixer']:g} for mixer")
+    recipe_flags(t)
+
+    c = command("compare", "each arch's retrieval at its best fine-tuning lr: grid on validation pairs, held-out result")
+    c.add_argument("--ckpt", nargs="+", required=True, help="LM checkpoints, several seeds per arch (the lowest seed "
+                                                            "of each arch chooses its lr)")
+    c.add_argument("--pairs", required=True, help="training pairs; --val_pairs of them choose the learning rates")
+    c.add_argument("--held_out", required=True, help="held-out pairs: the reported result, never used to choose")
+    c.add_argument("--val_pairs", type=positive_int, default=500, help="validation pairs taken from --pairs")
+    c.add_argument("--lrs", nargs="+", type=positive_float, default=[3e-4, 1e-3, 3e-3, 1e-2],
+                   help="InfoNCE learning rates (the grid)")
+    c.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS["infonce"], help="InfoNCE steps, every arch")
+    c.add_argument("--v1_lrs", nargs="*", type=positive_float, default=[3e-4, 1e-3, 3e-3, 1e-2],
+                   help="the v1 retrieval mixer's learning rates (none: skip v1)")
+    c.add_argument("--v1_steps", type=positive_int, default=DEFAULT_STEPS["mixer"], help="v1 retrieval mixer steps")
+    c.add_argument("--out_dir", default="out-retrieval", help="results.jsonl (resumable), results.md, results.png")
+    recipe_flags(c)
 
     v = command("eval", "top-1 and top-5 of held-out summaries among N candidates, N = 32, 64, ...")
     v.add_argument("--emb", required=True, help="embeddings of held-out pairs")
@@ -521,10 +799,13 @@ def parse_args(argv=None):
     s.add_argument("--query", required=True, help="the text to search for")
     s.add_argument("-k", type=positive_int, default=5, help="how many stories")
     s.add_argument("--full", action="store_true", help="print each story whole, not its first 100 characters")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return args
 
 
-COMMANDS = {"embed": cmd_embed, "train": cmd_train, "eval": cmd_eval, "index": cmd_index, "search": cmd_search}
+COMMANDS = {"embed": cmd_embed, "train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "index": cmd_index,
+            "search": cmd_search}
 
 
 def main(argv=None):

@@ -1061,9 +1061,9 @@ def test_candidate_sets_hold_the_true_story_once():
 
 def retrieval_mixer_args(steps, batch_size):
     """retrieve.py train --method mixer's settings (its defaults, but for these)."""
-    return retrieve.parse_args([str(a) for a in ["train", "--method", "mixer", "--emb", "unused", "--out", "unused",
-                                                 "--candidates", 8, "--width", 64, "--lr", 1e-3, "--steps", steps,
-                                                 "--batch_size", batch_size, "--seed", 0, "--log_interval", 1000]])
+    return retrieve.Recipe.of(retrieve.parse_args([str(a) for a in [
+        "train", "--method", "mixer", "--emb", "unused", "--out", "unused", "--candidates", 8, "--width", 64, "--lr", 1e-3,
+        "--steps", steps, "--batch_size", batch_size, "--seed", 0, "--log_interval", 1000]]))
 
 
 def test_retrieval_mixer_learns_a_synthetic_task():
@@ -1145,6 +1145,66 @@ def test_infonce_fine_tuning_learns_a_synthetic_task(tiny_ckpt, tmp_path, capsys
                  tmp_path / "tuned.pt", "--steps", 60, "--group", 16, "--lr", 1e-3)
     after = top1(tmp_path / "tuned.pt")
     assert after > 0.5 and after > before + 0.2, f"top-1 among 16 (chance 0.06): {before:.2f} -> {after:.2f}"
+
+
+@pytest.fixture(scope="module")
+def four_language_models(prepared, tmp_path_factory):
+    """Two archs, two seeds each: what retrieve.py compare takes from a language-model comparison."""
+    out = tmp_path_factory.mktemp("lms")
+    for arch in ("mixer", "transformer"):
+        for seed in (1338, 1339):
+            run_train("--data_dir", prepared, "--out_dir", out / f"{arch}-seed{seed}", *TINY_RUN, "--arch", arch,
+                      "--seed", seed, "--max_iters", 30, "--eval_interval", 30)
+    return sorted(out.glob("*/ckpt.pt"))
+
+
+def test_retrieval_compare_chooses_on_validation_and_reports_held_out(four_language_models, tmp_path, monkeypatch,
+                                                                      capsys):
+    """A fake of each trained retrieval model: lr 1e-3 wins on validation and loses on the held-out
+    pairs; the comparison must pick 1e-3 and report the confirmation runs (fine-tuning seed 1)."""
+    def fake_run(method, path, lr, seed, data, args, device):
+        mixer = "mixer" in str(path)
+        held = {None: 0.1, 1e-3: 0.5, 1e-2: 0.9}[lr] + (0.05 if mixer else 0.0) + 0.01 * ("1339" in str(path))
+        val = {None: 0.1, 1e-3: 0.8, 1e-2: 0.4}[lr]
+        counts = [32] if method == "mixer" else [32, 64]
+        return {split: {str(n): {"top1": value, "top5": 1.0, "mrr": value} for n in counts}
+                for split, value in (("val", val), ("held_out", held))}
+
+    monkeypatch.setattr(retrieve, "retrieval_run", fake_run)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(120, seed=0))
+    held_out = write_jsonl(tmp_path / "held.jsonl", synthetic_pairs(64, seed=1))
+    argv = ["compare", "--ckpt", *four_language_models, "--pairs", pairs, "--held_out", held_out, "--val_pairs", 40,
+            "--lrs", 1e-3, 1e-2, "--v1_lrs", 1e-3, 1e-2, "--out_dir", tmp_path / "out"]
+    run_retrieve(*argv)
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| mixer | 80.0 | 40.0 | 0.001 (edge) |" in table  # the grid: validation top-1, best by it
+    assert "| mixer | 0.001 | 55.5 (55.0-56.0) | 55.5 (55.0-56.0) |" in table  # held-out, both LM seeds
+    assert "| transformer | 0.001 | 50.5 (50.0-51.0) | 50.5 (50.0-51.0) |" in table
+    assert "mixer > transformer by 5.0 points: every seed of mixer ends above every seed of transformer." in table
+    runs = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    confirmed = [r for r in runs if r["method"] == "infonce" and r["seed"] == 1]
+    assert sorted((r["variant"], r["lm_seed"], r["lr"]) for r in confirmed) == [
+        ("mixer", 1338, 1e-3), ("mixer", 1339, 1e-3), ("transformer", 1338, 1e-3), ("transformer", 1339, 1e-3)]
+    assert {r["lm_seed"] for r in runs if r["seed"] == 0} == {1338}  # the grid on each arch's first LM only
+    assert len(runs) == 4 + 2 * (4 + 4) and (tmp_path / "out" / "results.png").exists()  # raw; grid + confirmed, twice
+    capsys.readouterr()
+    run_retrieve(*argv)  # everything is read back
+    assert ": training" not in capsys.readouterr().out
+
+
+def test_retrieval_compare_end_to_end(four_language_models, tmp_path, capsys):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(120, seed=0))
+    held_out = write_jsonl(tmp_path / "held.jsonl", synthetic_pairs(64, seed=1))
+    run_retrieve("compare", "--ckpt", *four_language_models, "--pairs", pairs, "--held_out", held_out, "--val_pairs", 40,
+                 "--lrs", 1e-3, 3e-3, "--steps", 5, "--group", 8, "--v1_lrs", 1e-3, "--v1_steps", 5, "--candidates", 8,
+                 "--out_dir", tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert re.search(r"^\| BM25 \(no model\) \| [\d.]+ \| [\d.]+ \|$", table, re.M)  # N = 32, 64
+    for arch in ("mixer", "transformer"):
+        assert re.search(rf"^\| {arch}, raw \| [\d.]+ \([\d.]+-[\d.]+\) \| ", table, re.M)
+        assert re.search(rf"^\| {arch} \| 0.00[13] \| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+ \([\d.]+-[\d.]+\) \|$",
+                         table, re.M)
+    assert "Verdict at N = 32:" in table and "Verdict at N = 8:" in table  # InfoNCE; v1 among its 8 candidates
 
 
 def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, capsys):
@@ -1501,6 +1561,10 @@ BAD_INPUTS = [
      "not a readable .npz"),
     ("retrieve", ["search", "--ckpt", "{ws}/tuned.pt", "--index", "{ws}/index.npz", "--query", "a cat"],
      "checkpoint mismatch"),
+    ("retrieve", ["compare", "--ckpt", CKPT, "--pairs", "{ws}/pairs.jsonl", "--held_out", "{ws}/pairs.jsonl",
+                  "--val_pairs", "30", "--out_dir", "{ws}/rc"], "too few to hold out --val_pairs 30"),
+    ("retrieve", ["compare", "--ckpt", CKPT, "{ws}/r16.pt", "--pairs", "{ws}/pairs.jsonl", "--held_out",
+                  "{ws}/pairs.jsonl", "--out_dir", "{ws}/rc"], "not a checkpoint of the expected kind"),
     ("retrieve", ["search", "--ckpt", CKPT, "--index", "{ws}/index.npz", "--query", "a cat", "-k", "0"],
      "not a positive integer"),
     ("represent", [], "nothing to measure"),
