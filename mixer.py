@@ -386,19 +386,25 @@ class Model(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def embed(self, idx, lengths=None):
-        """Retrieval embedding [B, n_embd]: the final hidden state at each sequence's last real token.
+    def embed(self, idx, lengths=None, pool="last"):
+        """Retrieval embedding [B, n_embd] of right-padded sequences idx [B, T] (lengths [B]; None: no
+        padding): the final hidden state at each sequence's last real token (pool "last"), or the mean
+        of the final hidden states over its real tokens (pool "mean").
 
-        Why that position: our loss trains every input position (targets are the inputs shifted by
+        Why the last position: our loss trains every input position (targets are the inputs shifted by
         one inside a block_size + 1 window), so the last token's state is trained and is the only one
         that has seen the whole text. (The author used the second-to-last token because in his setup
-        the last position never received a loss.) Sequences can be right-padded with any token:
-        causality makes position lengths - 1 blind to everything after it.
+        the last position never received a loss.) Why a mean: a trained mixer's last state mostly
+        encodes the last few tokens (RESULTS.md, Retrieval), so a query about the middle of a text
+        finds little there. Padding can be any token: causality keeps it out of every real position.
         """
-        h = self.hidden_states(idx)
-        if lengths is None:
-            return h[:, -1]
-        return h[torch.arange(idx.size(0), device=idx.device), lengths.to(idx.device) - 1]
+        h = self.hidden_states(idx)  # [B, T, d]
+        T = idx.size(1)
+        lengths = torch.full((idx.size(0),), T, device=idx.device) if lengths is None else lengths.to(idx.device)
+        if pool == "last":
+            return h[torch.arange(idx.size(0), device=idx.device), lengths - 1]
+        real = (torch.arange(T, device=idx.device) < lengths.unsqueeze(1)).unsqueeze(-1)  # [B, T, 1]
+        return (h * real).sum(1) / lengths.unsqueeze(1)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):

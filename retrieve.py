@@ -107,12 +107,12 @@ def padded(ids, device):
     return batch.to(device), lengths.to(device)
 
 
-def embed_batch(model, texts, long, device):
+def embed_batch(model, texts, long, device, pool="last"):
     """[len(texts), n_embd] embeddings of token lists (differentiable: InfoNCE trains through it).
     long="mean" embeds every window of a text (see windows) and averages their unit-length
     embeddings; "first" and "last" embed one window."""
     pieces = [(text, w) for text, t in enumerate(texts) for w in windows(t, model.config.block_size, long)]
-    emb = model.embed(*padded([w for _, w in pieces], device))  # [pieces, d]
+    emb = model.embed(*padded([w for _, w in pieces], device), pool=pool)  # [pieces, d]
     if long != "mean":
         return emb
     owner = torch.tensor([text for text, _ in pieces], device=device)
@@ -121,7 +121,7 @@ def embed_batch(model, texts, long, device):
 
 
 @torch.no_grad()
-def embed_texts(model, ids, long, batch_size, device, label=None):
+def embed_texts(model, ids, long, batch_size, device, label=None, pool="last"):
     """[N, n_embd] float32 embeddings of token lists, batch_size texts at a time in order of length
     (little padding), with a progress line unless label is None."""
     longer = sum(len(t) > model.config.block_size for t in ids)
@@ -134,7 +134,7 @@ def embed_texts(model, ids, long, batch_size, device, label=None):
     start, progress = time.time(), Progress()
     for first in range(0, len(ids), batch_size):
         rows = order[first : first + batch_size]
-        out[rows] = embed_batch(model, [ids[i] for i in rows], long, device).float().cpu().numpy()
+        out[rows] = embed_batch(model, [ids[i] for i in rows], long, device, pool).float().cpu().numpy()
         if label:
             progress.update(f"{label}: {first + len(rows):,}/{len(ids):,} ({time.time() - start:.0f}s)")
     if label:
@@ -164,15 +164,16 @@ def cmd_embed(args):
     for field in ("summary", "story"):
         ids = tokenize([p[field] for p in pairs], enc)
         with autocast(device, args.dtype)[0]:
-            arrays[field] = embed_texts(model, ids, args.long, args.batch_size, device, f"embedding {field} texts")
+            arrays[field] = embed_texts(model, ids, args.long, args.batch_size, device, f"embedding {field} texts",
+                                        args.pool)
         arrays[f"{field}_ids"], arrays[f"{field}_offsets"] = flat(ids)  # whole texts, for eval --bm25
-    save_npz(args.out, **arrays, long=args.long, fingerprint=fingerprint(model))
+    save_npz(args.out, **arrays, long=args.long, pool=args.pool, fingerprint=fingerprint(model))
     print(f"wrote {args.out}: {len(pairs):,} pairs, {model.config.n_embd}-dim")
 
 
-def read_npz(path, needs, made_by):
-    """The arrays `needs` of an .npz written by `made_by`, as numpy arrays; every failure to read one
-    is a RetrievalError that says how to make the file again."""
+def read_npz(path, needs, made_by, optional=()):
+    """The arrays `needs` (and those of `optional` that it has) of an .npz written by `made_by`, as
+    numpy arrays; every failure to read one is a RetrievalError that says how to make it again."""
     if not Path(path).is_file():
         raise RetrievalError(f"not found: {path} (make it with: {made_by})")
     try:
@@ -180,7 +181,7 @@ def read_npz(path, needs, made_by):
             missing = [name for name in needs if name not in f.files]
             if missing:
                 raise RetrievalError(f"{path} has no {', '.join(missing)} array: not made by {made_by}")
-            return {name: f[name] for name in needs}
+            return {name: f[name] for name in (*needs, *optional) if name in f.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise RetrievalError(f"{path} is not a readable .npz ({str(e)[:100]}): make it again with {made_by}") from None
 
@@ -365,6 +366,7 @@ class Recipe:
     group: int = 32            # infonce: pairs per group (in-batch negatives)
     temperature: float = 0.02  # infonce
     long: str = "last"         # infonce: how texts longer than the context are embedded
+    pool: str = "last"         # infonce: the last position's state, or the mean over the text (Model.embed)
     batch_size: int = 32       # mixer: queries per step
     candidates: int = 32       # mixer: candidates per query
     width: int = 256           # mixer
@@ -435,8 +437,9 @@ def fine_tune(model, summaries, stories, recipe, device):
 
     def next_loss():  # texts longer than the context are embedded as eval will embed them (--long)
         group = torch.randperm(len(summaries))[: recipe.group].tolist()
-        return infonce_loss(embed_batch(model, [summaries[i] for i in group], recipe.long, device),
-                            embed_batch(model, [stories[i] for i in group], recipe.long, device), recipe.temperature)
+        return infonce_loss(embed_batch(model, [summaries[i] for i in group], recipe.long, device, recipe.pool),
+                            embed_batch(model, [stories[i] for i in group], recipe.long, device, recipe.pool),
+                            recipe.temperature)
 
     fit(model, next_loss, recipe, device, chance=np.log(recipe.group))
     return model.eval()
@@ -507,7 +510,8 @@ def retrieval_data(args, enc):
 def frozen_embeddings(model, texts, args, device):
     """Embeddings [n, d] (float32) of (summary ids, story ids) by a model that is not trained further."""
     with autocast(device, args.dtype)[0]:
-        return tuple(torch.from_numpy(embed_texts(model, ids, args.long, args.batch_size, device)) for ids in texts)
+        return tuple(torch.from_numpy(embed_texts(model, ids, args.long, args.batch_size, device, pool=args.pool))
+                     for ids in texts)
 
 
 def metrics_by_n(score, n_pairs, counts, seed):
@@ -553,7 +557,7 @@ class Runs:
         args = self.args
         key = {"method": method, "variant": variant, "lm_seed": lm_seed, "ckpt": path, "lr": lr, "seed": seed,
                "steps": {"infonce": args.steps, "mixer": args.v1_steps}.get(method), "pairs_file": args.pairs,
-               "held_out_file": args.held_out, "val_pairs": args.val_pairs, "long": args.long,
+               "held_out_file": args.held_out, "val_pairs": args.val_pairs, "long": args.long, "pool": args.pool,
                **{f: getattr(args, f) for f in ("warmup_iters", "weight_decay", "group", "temperature", "batch_size",
                                                 "candidates", "width", "n_layer")}}
         found = next((r for r in self.done if all(r.get(k) == v for k, v in key.items())), None)
@@ -638,7 +642,8 @@ def write_retrieval_results(args, models, raw, infonce, v1, bm25, data):
              f"Machine: {machine(pick_device(args.device))}, torch {torch.__version__}. Language models: {lms}. "
              f"Pairs: {len(data['fit'][0]):,} to fit and {len(data['val'][0]):,} to choose the lr (both from "
              f"{args.pairs}), {len(data['held_out'][0]):,} held out ({args.held_out}), reported here only. InfoNCE "
-             f"{args.steps} steps, group {args.group}, temperature {args.temperature:g}, --long {args.long}; "
+             f"{args.steps} steps, group {args.group}, temperature {args.temperature:g}, --long {args.long}, "
+             f"--pool {args.pool}; "
              f"warmup {args.warmup_iters}, weight decay {args.weight_decay:g}.", "",
              "Held-out top-1 (%) without training (raw embeddings, cosine) and by word overlap:", "",
              "| scorer | " + " | ".join(f"N = {n}" for n in counts) + " |", "|---|" + "---|" * len(counts),
@@ -693,13 +698,14 @@ def cmd_index(args):
     model, enc = load(args.ckpt, device)
     stories = [story for story, _ in read_stories(check_inputs(args.stories))]
     with autocast(device, args.dtype)[0]:
-        emb = embed_texts(model, tokenize(stories, enc), args.long, args.batch_size, device, "indexing stories")
+        emb = embed_texts(model, tokenize(stories, enc), args.long, args.batch_size, device, "indexing stories",
+                          args.pool)
     # the texts as one UTF-8 blob and offsets: compact for 100k+ stories (a numpy string array pads
     # every story to the longest one, 4 bytes a character)
     encoded = [story.encode() for story in stories]
     offsets = np.cumsum([0] + [len(b) for b in encoded])
     save_npz(args.out, embeddings=emb, text=np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets=offsets,
-             fingerprint=fingerprint(model))
+             fingerprint=fingerprint(model), pool=args.pool, long=args.long)
     print(f"wrote {args.out}: {len(stories):,} stories")
 
 
@@ -708,12 +714,15 @@ def cmd_search(args):
         raise RetrievalError("--query is empty: give the text to search for")
     device = pick_device(args.device)
     model, enc = load(args.ckpt, device)
-    index = read_npz(args.index, ("embeddings", "text", "offsets", "fingerprint"), "retrieve.py index")
+    index = read_npz(args.index, ("embeddings", "text", "offsets", "fingerprint"), "retrieve.py index",
+                     optional=("pool",))
     if str(index["fingerprint"]) != fingerprint(model):
         raise RetrievalError(f"{args.index} was built with another checkpoint than {args.ckpt}: "
                              "checkpoint mismatch (rebuild it with retrieve.py index --ckpt ...)")
+    # the query is embedded as the stories were (an index from before --pool: the last position)
+    pool = str(index["pool"]) if "pool" in index else "last"
     with autocast(device, args.dtype)[0]:  # the same precision as the index was built with (the same rule)
-        query = embed_texts(model, tokenize([args.query], enc), args.long, 1, device)  # [1, d]
+        query = embed_texts(model, tokenize([args.query], enc), args.long, 1, device, pool=pool)  # [1, d]
     scores = F.cosine_similarity(torch.from_numpy(query), torch.from_numpy(index["embeddings"]))  # [N]
     top = scores.topk(min(args.k, len(scores)))
     text, offsets = index["text"], index["offsets"]
@@ -746,6 +755,9 @@ def parse_args(argv=None):
     common.add_argument("--seed", type=int, default=1337, help="for candidate sets and training")
     common.add_argument("--long", choices=["first", "last", "mean"], default="last",
                         help="texts longer than the context: embed the first window, the last, or the mean of all")
+    common.add_argument("--pool", choices=["last", "mean"], default="last",
+                        help="an embedding is the last token's final state, or the mean over the text's tokens "
+                             "(search: the index's choice)")
 
     def command(name, help):
         return sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=HelpFormatter)

@@ -327,6 +327,19 @@ def test_embed_ignores_right_padding(variant):
     assert torch.allclose(batched, one_by_one, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["mixer", "transformer"])
+def test_mean_pooling_averages_the_real_tokens_final_states(variant):
+    model = tiny_model(variant)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([16, 9])
+    with torch.no_grad():
+        pooled = model.embed(idx, lengths, pool="mean")
+        h = model.hidden_states(idx)
+        assert torch.allclose(pooled[0], h[0].mean(0), atol=1e-6) and torch.allclose(pooled[1], h[1, :9].mean(0), atol=1e-6)
+        idx[1, 9:] = 0  # padding cannot reach the real tokens
+        assert torch.allclose(model.embed(idx, lengths, pool="mean"), pooled, atol=1e-6)
+
+
 def test_flops_count_the_mixing_matmuls():
     shared = dict(vocab_size=256, block_size=64, n_layer=2, n_embd=32)
     flops = {arch: Model(Config(arch=arch, mixer_heads=1, **shared)).flops_per_token() for arch in ARCHS}
