@@ -745,6 +745,23 @@ def recipe_flags(parser):
     r.add_argument("--n_layer", type=positive_int, default=2, help="mixer: blocks")
 
 
+def compare_flags(c):
+    """The flags of retrieve.py compare."""
+    c.add_argument("--ckpt", nargs="+", required=True, help="LM checkpoints, several seeds per arch (the lowest seed "
+                                                            "of each arch chooses its lr)")
+    c.add_argument("--pairs", required=True, help="training pairs; --val_pairs of them choose the learning rates")
+    c.add_argument("--held_out", required=True, help="held-out pairs: the reported result, never used to choose")
+    c.add_argument("--val_pairs", type=positive_int, default=500, help="validation pairs taken from --pairs")
+    c.add_argument("--lrs", nargs="+", type=positive_float, default=[3e-4, 1e-3, 3e-3, 1e-2],
+                   help="InfoNCE learning rates (the grid)")
+    c.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS["infonce"], help="InfoNCE steps, every arch")
+    c.add_argument("--v1_lrs", nargs="*", type=positive_float, default=[3e-4, 1e-3, 3e-3, 1e-2],
+                   help="the v1 retrieval mixer's learning rates (none: skip v1)")
+    c.add_argument("--v1_steps", type=positive_int, default=DEFAULT_STEPS["mixer"], help="v1 retrieval mixer steps")
+    c.add_argument("--out_dir", default="out-retrieval", help="results.jsonl (resumable), results.md, results.png")
+    recipe_flags(c)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -779,21 +796,8 @@ def parse_args(argv=None):
                                                      f"{DEFAULT_LR['mixer']:g} for mixer")
     recipe_flags(t)
 
-    c = command("compare", "each arch's retrieval at its best fine-tuning lr: grid on validation pairs, held-out result")
-    c.add_argument("--ckpt", nargs="+", required=True, help="LM checkpoints, several seeds per arch (the lowest seed "
-                                                            "of each arch chooses its lr)")
-    c.add_argument("--pairs", required=True, help="training pairs; --val_pairs of them choose the learning rates")
-    c.add_argument("--held_out", required=True, help="held-out pairs: the reported result, never used to choose")
-    c.add_argument("--val_pairs", type=positive_int, default=500, help="validation pairs taken from --pairs")
-    c.add_argument("--lrs", nargs="+", type=positive_float, default=[3e-4, 1e-3, 3e-3, 1e-2],
-                   help="InfoNCE learning rates (the grid)")
-    c.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS["infonce"], help="InfoNCE steps, every arch")
-    c.add_argument("--v1_lrs", nargs="*", type=positive_float, default=[3e-4, 1e-3, 3e-3, 1e-2],
-                   help="the v1 retrieval mixer's learning rates (none: skip v1)")
-    c.add_argument("--v1_steps", type=positive_int, default=DEFAULT_STEPS["mixer"], help="v1 retrieval mixer steps")
-    c.add_argument("--out_dir", default="out-retrieval", help="results.jsonl (resumable), results.md, results.png")
-    recipe_flags(c)
-
+    compare_flags(command("compare", "each arch's retrieval at its best fine-tuning lr: grid on validation pairs, "
+                                     "held-out result"))
     v = command("eval", "top-1 and top-5 of held-out summaries among N candidates, N = 32, 64, ...")
     v.add_argument("--emb", required=True, help="embeddings of held-out pairs")
     v.add_argument("--model", help="a retrieval mixer from train --method mixer (default: cosine similarity)")
