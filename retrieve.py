@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -30,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import (COLOURS, AtomicFile, HelpFormatter, Progress, UserError, machine, mean_and_range, nonneg_float,
-                 nonneg_int, positive_float, positive_int, pyplot, run)
+                 nonneg_int, positive_float, positive_int, pyplot, run, unit_interval)
 from compare import ranking
 from data_prep import check_inputs, load_encoding, read_stories
 from mixer import Block, Config
@@ -83,6 +84,11 @@ def tokenize(texts, enc):
 def texts_of(pairs, enc):
     """(summary token ids, story token ids) of pairs."""
     return tokenize([p["summary"] for p in pairs], enc), tokenize([p["story"] for p in pairs], enc)
+
+
+def sentences_of(pairs, enc):
+    """Token ids of each story's sentences (the queries of --crop)."""
+    return [tokenize(re.split(r"(?<=[.!?])\s+", p["story"].strip()), enc) for p in pairs]
 
 
 def windows(ids, block_size, long):
@@ -367,6 +373,7 @@ class Recipe:
     temperature: float = 0.02  # infonce
     long: str = "last"         # infonce: how texts longer than the context are embedded
     pool: str = "last"         # infonce: the last position's state, or the mean over the text (Model.embed)
+    crop: float = 0.0          # infonce: the share of queries that are a random sentence of their story
     batch_size: int = 32       # mixer: queries per step
     candidates: int = 32       # mixer: candidates per query
     width: int = 256           # mixer
@@ -426,18 +433,24 @@ def infonce_loss(queries, stories, temperature):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def fine_tune(model, summaries, stories, recipe, device):
+def fine_tune(model, summaries, stories, recipe, device, sentences=None):
     """InfoNCE fine-tuning of a language model (in place) on token ids of matching summaries and
     stories: a summary's embedding should be closest (cosine) to its own story's among the
-    recipe.group stories of its group."""
+    recipe.group stories of its group. With recipe.crop, that share of the queries is a random
+    sentence of the story instead (sentences: token ids of each story's sentences), as Contriever's
+    cropping makes queries from the documents themselves: more pairs from the same stories."""
     if len(summaries) < recipe.group:
         raise RetrievalError(f"{len(summaries)} pairs: need at least --group {recipe.group}")
     torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
     model.train()
+
+    def query(i):
+        return sentences[i][rng.integers(len(sentences[i]))] if rng.random() < recipe.crop else summaries[i]
 
     def next_loss():  # texts longer than the context are embedded as eval will embed them (--long)
         group = torch.randperm(len(summaries))[: recipe.group].tolist()
-        return infonce_loss(embed_batch(model, [summaries[i] for i in group], recipe.long, device, recipe.pool),
+        return infonce_loss(embed_batch(model, [query(i) for i in group], recipe.long, device, recipe.pool),
                             embed_batch(model, [stories[i] for i in group], recipe.long, device, recipe.pool),
                             recipe.temperature)
 
@@ -453,7 +466,7 @@ def train_infonce(args):
     pairs = read_pairs(args.pairs)
     print(f"fine-tuning {model.config.arch} on {len(pairs):,} pairs, device {device}, "
           f"{mixed_precision(device, args.dtype)[2]}")
-    fine_tune(model, *texts_of(pairs, enc), Recipe.of(args), device)
+    fine_tune(model, *texts_of(pairs, enc), Recipe.of(args), device, sentences_of(pairs, enc) if args.crop else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"model": model.state_dict(), "config": dataclasses.asdict(model.config),
                  "data_meta": meta}, args.out)
@@ -503,7 +516,8 @@ def retrieval_data(args, enc):
     if len(pairs) < 2 * args.val_pairs:
         raise RetrievalError(f"{args.pairs} has {len(pairs)} pairs: too few to hold out --val_pairs {args.val_pairs}")
     order = np.random.default_rng(0).permutation(len(pairs))
-    return {"fit": texts_of([pairs[i] for i in order[args.val_pairs:]], enc),
+    fit_pairs = [pairs[i] for i in order[args.val_pairs:]]
+    return {"fit": texts_of(fit_pairs, enc), "fit_sentences": sentences_of(fit_pairs, enc) if args.crop else None,
             "val": texts_of([pairs[i] for i in order[: args.val_pairs]], enc), "held_out": texts_of(held_out, enc)}
 
 
@@ -530,7 +544,7 @@ def retrieval_run(method, path, lr, seed, data, args, device):
     model, _ = load_model(path, device)
     recipe = Recipe.of(args, method=method, lr=lr, seed=seed, steps=args.steps if method == "infonce" else args.v1_steps)
     if method == "infonce":
-        fine_tune(model, *data["fit"], recipe, device)
+        fine_tune(model, *data["fit"], recipe, device, data["fit_sentences"])
     elif method == "mixer":
         retrieval_mixer = train_retrieval_mixer(*frozen_embeddings(model, data["fit"], args, device), recipe).eval()
     results = {}
@@ -558,6 +572,7 @@ class Runs:
         key = {"method": method, "variant": variant, "lm_seed": lm_seed, "ckpt": path, "lr": lr, "seed": seed,
                "steps": {"infonce": args.steps, "mixer": args.v1_steps}.get(method), "pairs_file": args.pairs,
                "held_out_file": args.held_out, "val_pairs": args.val_pairs, "long": args.long, "pool": args.pool,
+               "crop": args.crop,
                **{f: getattr(args, f) for f in ("warmup_iters", "weight_decay", "group", "temperature", "batch_size",
                                                 "candidates", "width", "n_layer")}}
         found = next((r for r in self.done if all(r.get(k) == v for k, v in key.items())), None)
@@ -643,7 +658,7 @@ def write_retrieval_results(args, models, raw, infonce, v1, bm25, data):
              f"Pairs: {len(data['fit'][0]):,} to fit and {len(data['val'][0]):,} to choose the lr (both from "
              f"{args.pairs}), {len(data['held_out'][0]):,} held out ({args.held_out}), reported here only. InfoNCE "
              f"{args.steps} steps, group {args.group}, temperature {args.temperature:g}, --long {args.long}, "
-             f"--pool {args.pool}; "
+             f"--pool {args.pool}, --crop {args.crop:g}; "
              f"warmup {args.warmup_iters}, weight decay {args.weight_decay:g}.", "",
              "Held-out top-1 (%) without training (raw embeddings, cosine) and by word overlap:", "",
              "| scorer | " + " | ".join(f"N = {n}" for n in counts) + " |", "|---|" + "---|" * len(counts),
@@ -740,6 +755,8 @@ def recipe_flags(parser):
     r.add_argument("--log_interval", type=positive_int, default=100)
     r.add_argument("--group", type=positive_int, default=32, help="infonce: pairs per group (in-batch negatives)")
     r.add_argument("--temperature", type=positive_float, default=0.02, help="infonce: as in the author's code")
+    r.add_argument("--crop", type=unit_interval, default=0.0, help="infonce: the share of queries replaced by a random "
+                                                                   "sentence of their own story (Contriever's cropping)")
     r.add_argument("--candidates", type=positive_int, default=32, help="mixer: candidates per query (chance = 1/N)")
     r.add_argument("--width", type=positive_int, default=256, help="mixer: hidden width")
     r.add_argument("--n_layer", type=positive_int, default=2, help="mixer: blocks")

@@ -1143,6 +1143,23 @@ def test_infonce_divides_the_cosine_scores_by_the_temperature():
         assert retrieve.infonce_loss(queries, stories, 0.1).item() == pytest.approx((rows + columns) / 4, rel=1e-5)
 
 
+@pytest.mark.parametrize("crop", [0.0, 1.0])
+def test_cropped_queries_are_sentences_of_their_own_story(crop, monkeypatch):
+    summaries = [[1, 2], [3, 4], [5, 6], [7, 8]]
+    sentences = [[[10 + i, 11], [12 + i, 13, 14]] for i in range(4)]
+    stories = [a + b for a, b in sentences]
+    seen = []
+    real = retrieve.embed_batch
+    monkeypatch.setattr(retrieve, "embed_batch", lambda model, texts, *a: seen.append(texts) or real(model, texts, *a))
+    recipe = retrieve.Recipe(method="infonce", lr=1e-3, steps=2, warmup_iters=0, weight_decay=0.0, seed=0, group=4,
+                             crop=crop, dtype="float32")
+    retrieve.fine_tune(tiny_model("mixer"), summaries, stories, recipe, torch.device("cpu"), sentences)
+    queries, story_texts = seen[0], seen[1]  # one group: the queries, then their stories
+    owner = [stories.index(s) for s in story_texts]
+    expected = [sentences[i] if crop else [summaries[i]] for i in owner]
+    assert all(q in options for q, options in zip(queries, expected))
+
+
 def test_infonce_fine_tuning_learns_a_synthetic_task(tiny_ckpt, tmp_path, capsys):
     train_pairs = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(400, seed=0))
     val_pairs = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(64, seed=1))
