@@ -528,6 +528,16 @@ def frozen_embeddings(model, texts, args, device):
                      for ids in texts)
 
 
+UNTRAINED = {}  # frozen_embeddings of a language model as it was saved: the same every time, so made once
+
+
+def untrained_embeddings(path, model, data, split, args, device):
+    key = (path, split, args.pool, args.long, args.dtype)
+    if key not in UNTRAINED:
+        UNTRAINED[key] = frozen_embeddings(model, data[split], args, device)
+    return UNTRAINED[key]
+
+
 def metrics_by_n(score, n_pairs, counts, seed):
     """{N: rank metrics} of score (candidate sets [Q, N] -> scores) on the fixed candidate sets of each N."""
     metrics = {}
@@ -546,10 +556,12 @@ def retrieval_run(method, path, lr, seed, data, args, device):
     if method == "infonce":
         fine_tune(model, *data["fit"], recipe, device, data["fit_sentences"])
     elif method == "mixer":
-        retrieval_mixer = train_retrieval_mixer(*frozen_embeddings(model, data["fit"], args, device), recipe).eval()
+        retrieval_mixer = train_retrieval_mixer(*untrained_embeddings(path, model, data, "fit", args, device), recipe)
+        retrieval_mixer.eval()
     results = {}
     for split in ("val", "held_out"):
-        queries, stories = frozen_embeddings(model, data[split], args, device)
+        queries, stories = (frozen_embeddings(model, data[split], args, device) if method == "infonce"
+                            else untrained_embeddings(path, model, data, split, args, device))
         if method == "mixer":
             counts, score = [recipe.candidates], lambda c: mixer_scores(retrieval_mixer, queries, stories, c)  # noqa: B023
         else:
