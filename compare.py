@@ -394,14 +394,15 @@ def summarize(args):
     archs = list(dict.fromkeys(arch for s in sweeps for arch in s["archs"]))
     lines = ["# Each arch at its best learning rate, by context length", "",
              f"`{shlex.join(['python', 'compare.py', '--summary', *args.summary])}`", "",
-             f"Machine: {sweeps[0]['machine']}; {sweeps[0]['minutes']:g} minutes per run; commands: the results.md "
-             "beside each summary.json.", ""]
+             "Commands: the results.md beside each summary.json.", "",
+             *(f"- T = {s['block_size']}: {s['minutes']:g} minutes per run on {s['machine']}" for s in sweeps), ""]
     for title, key in (("Equal time: val loss at the end of each run", "val"),
                        ("Equal tokens: val loss where the slowest run of the setting ended", "val_at_equal_tokens")):
         lines += [f"## {title}", "", "| T | " + " | ".join(archs) + " | verdict |", "|---|" + "---|" * (len(archs) + 1)]
         for s in sweeps:
-            cells = [summary_cell(s["archs"][a], key) if a in s["archs"] else "-" for a in archs]
-            verdict = " ".join(ranking({a: r[key] for a, r in s["archs"].items()}))
+            measured = {a: r for a, r in s["archs"].items() if key in r}  # a sweep may predate the per-token view
+            cells = [summary_cell(measured[a], key) if a in measured else "-" for a in archs]
+            verdict = " ".join(ranking({a: r[key] for a, r in measured.items()})) if measured else "not measured"
             lines.append(f"| {s['block_size']} | " + " | ".join(cells) + f" | {verdict} |")
         lines.append("")
     lines.append("Cells: mean (min-max) over the confirmation seeds, each arch's best point and its tokens seen (M); "
@@ -414,8 +415,8 @@ def summarize(args):
 
 def summary_cell(result, key):
     edge = " (edge)" if result["edge"] else ""
-    return (f"{mean_and_range(result[key], '.3f')}, {point_name(result['point'])}{edge}, "
-            f"{statistics.mean(result['tokens']) / 1e6:.2f}M")
+    tokens = f", {statistics.mean(result['tokens']) / 1e6:.2f}M" if result.get("tokens") else ""
+    return f"{mean_and_range(result[key], '.3f')}, {point_name(result['point'])}{edge}{tokens}"
 
 
 def plot_summary(args, sweeps, archs):
@@ -425,7 +426,9 @@ def plot_summary(args, sweeps, archs):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, title in zip(axes, ("val", "val_at_equal_tokens"), ("equal time", "equal tokens")):
         for arch in archs:
-            points = [(s["block_size"], s["archs"][arch][key]) for s in sweeps if arch in s["archs"]]
+            points = [(s["block_size"], s["archs"][arch][key]) for s in sweeps if key in s["archs"].get(arch, {})]
+            if not points:
+                continue
             T = [t for t, _ in points]
             mean = np.array([statistics.mean(v) for _, v in points])
             spread = [mean - [min(v) for _, v in points], [max(v) for _, v in points] - mean]

@@ -1910,6 +1910,15 @@ def test_the_equal_tokens_view_and_the_summary_across_sweeps(tmp_path, monkeypat
     assert re.findall(r"^\| (\d+) \| 3\.100 \(3\.000-3\.200\), lr=1e-3 \(edge\), 0\.00M \| 3\.600", summary, re.M) == ["8", "16"]
     assert summary.count("| mixer < transformer by 0.500") == 2 and summary.count("transformer < mixer by 2.450") == 2
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    # a sweep from before the per-token view (or one without token counts) is summarised at equal time only
+    older = json.loads((tmp_path / "T8" / "summary.json").read_text())
+    for result in older["archs"].values():
+        del result["val_at_equal_tokens"], result["tokens"]
+    (tmp_path / "T8" / "summary.json").write_text(json.dumps(older))
+    compare.main(["--summary", str(tmp_path / "T16"), str(tmp_path / "T8"), "--out_dir", str(tmp_path)])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| 8 | 3.100 (3.000-3.200), lr=1e-3 (edge) | 3.600" in summary and "| 8 | - | - | not measured |" in summary
+    assert summary.count("transformer < mixer by 2.450") == 1
 
 
 def test_a_tiny_sweep_trains_writes_the_grid_and_resumes(prepared, tmp_path, capsys):
