@@ -391,7 +391,7 @@ def summarize(args):
             raise UserError(f"{path} not found: run compare.py --sweep ... --out_dir {folder} to the end first")
         sweeps.append(json.loads(path.read_text()))
     sweeps.sort(key=lambda s: s["block_size"])
-    archs = list(dict.fromkeys(arch for s in sweeps for arch in s["archs"]))
+    archs = [arch for arch in VARIANTS if any(arch in s["archs"] for s in sweeps)]
     lines = ["# Each arch at its best learning rate, by context length", "",
              f"`{shlex.join(['python', 'compare.py', '--summary', *args.summary])}`", "",
              "Commands: the results.md beside each summary.json.", "",
