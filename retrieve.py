@@ -10,8 +10,8 @@ Summary-to-story retrieval with embeddings from a trained generative model (the 
     python retrieve.py index --ckpt out-mixer/ckpt.pt --stories data/tinystories/pairs_val.jsonl --out index.npz
     python retrieve.py search --ckpt out-mixer/ckpt.pt --index index.npz --query "a dog finds a lost ball" -k 5
 
-An embedding is Model.embed: the final hidden state at a text's last token (see mixer.py). A text
-longer than the context is embedded by --long: its last window (default), its first, or the mean of
+An embedding is Model.embed: the mean of the final hidden states over a text (--pool mean, default),
+or the state at its last token (--pool last; see mixer.py). A text longer than the context is embedded by --long: its last window (default), its first, or the mean of
 all its windows. Pairs are jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
 """
 import argparse
@@ -39,8 +39,9 @@ from train import (Schedule, add_dtype_flag, atomic_save, autocast, load_checkpo
                    mixed_precision, pick_device, train_step)
 
 
-# Defaults of retrieve.py train (and compare's --steps), per method
-DEFAULT_LR = {"infonce": 1e-4, "mixer": 1e-3}
+# Defaults of retrieve.py train (and compare's --steps), per method: InfoNCE's lr is the best of the
+# mixer and of the transformer on validation pairs (RESULTS.md section 4)
+DEFAULT_LR = {"infonce": 3e-3, "mixer": 1e-3}
 DEFAULT_STEPS = {"infonce": 300, "mixer": 2000}
 
 
@@ -372,7 +373,7 @@ class Recipe:
     group: int = 32            # infonce: pairs per group (in-batch negatives)
     temperature: float = 0.02  # infonce
     long: str = "last"         # infonce: how texts longer than the context are embedded
-    pool: str = "last"         # infonce: the last position's state, or the mean over the text (Model.embed)
+    pool: str = "mean"         # infonce: the mean of the final states over the text, or the last one (Model.embed)
     crop: float = 0.0          # infonce: the share of queries that are a random sentence of their story
     batch_size: int = 32       # mixer: queries per step
     candidates: int = 32       # mixer: candidates per query
@@ -801,9 +802,9 @@ def parse_args(argv=None):
     common.add_argument("--seed", type=int, default=1337, help="for candidate sets and training")
     common.add_argument("--long", choices=["first", "last", "mean"], default="last",
                         help="texts longer than the context: embed the first window, the last, or the mean of all")
-    common.add_argument("--pool", choices=["last", "mean"], default="last",
-                        help="an embedding is the last token's final state, or the mean over the text's tokens "
-                             "(search: the index's choice)")
+    common.add_argument("--pool", choices=["last", "mean"], default="mean",
+                        help="an embedding is the mean of the final states over the text's tokens, or the last "
+                             "token's (search: the index's choice; mean retrieves better, RESULTS.md section 4)")
 
     def command(name, help):
         return sub.add_parser(name, parents=[common], help=help, description=help, formatter_class=HelpFormatter)
