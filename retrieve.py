@@ -11,8 +11,8 @@ Summary-to-story retrieval with embeddings from a trained generative model (the 
     python retrieve.py search --ckpt out-mixer/ckpt.pt --index index.npz --query "a dog finds a lost ball" -k 5
 
 An embedding is Model.embed: the mean of the final hidden states over a text (--pool mean, default),
-or the state at its last token (--pool last; see mixer.py). A text longer than the context is embedded by --long: its last window (default), its first, or the mean of
-all its windows. Pairs are jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
+or the state at its last token (--pool last; see mixer.py). A text longer than the context is
+embedded by --long: its last window (default), its first, or the mean of all its windows. Pairs are jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
 """
 import argparse
 import dataclasses
