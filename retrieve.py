@@ -12,7 +12,8 @@ Summary-to-story retrieval with embeddings from a trained generative model (the 
 
 An embedding is Model.embed: the mean of the final hidden states over a text (--pool mean, default),
 or the state at its last token (--pool last; see mixer.py). A text longer than the context is
-embedded by --long: its last window (default), its first, or the mean of all its windows. Pairs are jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
+embedded by --long: its last window (default), its first, or the mean of all its windows. Pairs are
+jsonl lines {"summary": ..., "story": ...}, as data_prep.py writes them.
 """
 import argparse
 import dataclasses
