@@ -763,6 +763,7 @@ def train(args):
     if not interrupted:
         report.print(f"done at step {state.step}: best val loss {state.best_val:.4f}; saved {run.ckpt_path}")
     if world > 1:
+        dist.barrier()  # no rank tears its connections down while another still writes or talks to it
         dist.destroy_process_group()
     return {"out_dir": run.out_dir, "step": state.step, "best_val": state.best_val, "interrupted": interrupted}
 
