@@ -685,7 +685,7 @@ def test_resume_after_ctrl_c_reproduces_the_uninterrupted_run(prepared, tmp_path
     assert interrupted.returncode == 0 and "interrupted at step" in rest
     stopped_at = int(re.search(r"interrupted at step (\d+)", rest).group(1))
     assert stopped_at < 80
-    run_train(*args, "--out_dir", tmp_path / "cut", "--resume")
+    run_train("--out_dir", tmp_path / "cut", "--resume")  # a bare --resume: the run's own lr, budget, data
     losses = lambda log: [(r["step"], r["train_loss"], r["val_loss"]) for r in log]  # noqa: E731
     assert losses(read_log(tmp_path / "cut")) == losses(read_log(tmp_path / "straight"))
 

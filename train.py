@@ -555,14 +555,24 @@ def open_run(args):
         if not ckpt_path.exists():
             raise TrainError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path, needs=("model", "config", "data_meta", "optimizer", "step", "rng"))
+        restore_flags(args, ckpt["train_args"])
     elif ckpt_path.exists():
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out_dir")
-    # The layout decides what every position means to the model: a resume keeps the checkpoint's.
+    # The layout decides what every position means to the model: a resume cannot change it.
     saved_layout = (ckpt["train_args"].get("layout") or "packed") if ckpt else None
     if args.layout and saved_layout and args.layout != saved_layout:
         raise TrainError(f"{ckpt_path} was trained with --layout {saved_layout}: drop the flag to resume, "
                          "or train into a new --out_dir")
     return out_dir, ckpt, args.layout or saved_layout or "packed"
+
+
+def restore_flags(args, saved):
+    """On --resume, every flag the command line did not give takes the run's own value (lr, budget,
+    data, ...), so that a bare --resume continues the run it names; the model's come from its Config."""
+    keep = {"resume", "device", "out_dir", "given"} | {f.name for f in dataclasses.fields(Config)}
+    for name, value in saved.items():
+        if name not in keep and name not in args.given and hasattr(args, name):
+            setattr(args, name, value)
 
 
 def restore(ckpt, model, optimizer, rng, rank, world, device):
@@ -602,15 +612,13 @@ class Run:
         self.ckpt_path = self.out_dir / "ckpt.pt"
         self.splits, self.meta = load_data(args.data_dir, self.layout)
         config = resolve_config(args, self.meta, ckpt)
-        if ckpt is not None and not args.eval_iters:
-            args.eval_iters = ckpt["train_args"].get("eval_iters")  # the run's own eval batches
-        if args.compile is None:  # compile by default; a resume keeps the run's choice
-            args.compile = ckpt["train_args"].get("compile", True) if ckpt is not None else True
+        if args.compile is None:  # compile by default
+            args.compile = True
         saved_clock = ckpt["train_args"].get("clock", "wall") if ckpt is not None else None
         if args.clock and saved_clock and args.clock != saved_clock:
             raise TrainError(f"{self.ckpt_path} counted its training time with --clock {saved_clock}: drop the flag "
                              "to resume it, or train into a new --out_dir")
-        args.clock = args.clock or saved_clock or "wall"
+        args.clock = args.clock or "wall"
         args.eval_iters = default_eval_iters(args, device, config.block_size)
         # Per-rank seeds: each DDP rank draws its own windows and dropout masks (DDP copies rank 0's
         # initial weights to the others, so the init still agrees).
@@ -721,9 +729,10 @@ class Run:
                 rng_states = [None] * self.world
                 dist.all_gather_object(rng_states, rng_state)
             if self.master and write:
+                flags = {name: value for name, value in vars(self.args).items() if name != "given"}
                 save_checkpoint(path, self.raw_model, self.optimizer,
                                 {**dataclasses.asdict(self.state), "data_meta": self.meta,
-                                 "train_args": {**vars(self.args), "layout": self.layout}, "rng": rng_states})
+                                 "train_args": {**flags, "layout": self.layout}, "rng": rng_states})
 
 
 def train(args):
@@ -838,14 +847,22 @@ def build_parser():
     add_dtype_flag(t)
     t.add_argument("--compile", type=boolean, nargs="?", const=True,
                    help="torch.compile the model where a compiler is available (CUDA, or g++/clang++ on a CPU): "
-                        "the default (on --resume: the run's choice); --compile false trains eager")
+                        "the default; --compile false trains eager")
     t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt")
+    t.add_argument("--resume", action="store_true", help="continue out_dir/ckpt.pt; flags not given take the run's "
+                                                          "own values")
     return p
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    """The flags, and in .given the names of those the command line gave (--resume takes the others
+    from the checkpoint)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unset = object()  # argparse leaves a name alone that the namespace already holds: only given flags replace it
+    probe = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    args.given = {name for name, value in vars(probe).items() if value is not unset}
+    return args
 
 
 def main(argv=None):
