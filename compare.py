@@ -196,6 +196,8 @@ def ranking(by_arch, higher_is_better=False, fmt=".3f", unit=""):
     """What the seeds allow us to say about the archs' order ({arch: [value per seed]}, a loss unless
     higher_is_better), one sentence per neighbouring pair: a ranking only where every seed of one arch
     ends beyond every seed of the other."""
+    if len(by_arch) < 2:
+        return ["One arch only: nothing to rank."]
     if all(len(v) == 1 for v in by_arch.values()):
         return ["One seed per arch: no spread was measured, so no ranking is claimed (use --seeds 2 or more)."]
     order = sorted(by_arch, key=lambda a: statistics.mean(by_arch[a]), reverse=higher_is_better)

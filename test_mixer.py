@@ -1891,6 +1891,15 @@ def test_sweep_selects_on_the_selection_seed_and_judges_on_fresh_seeds(tmp_path,
     assert trained == [] and capsys.readouterr().out.count("done already") == 8
 
 
+def test_the_ranking_rule_speaks_only_where_the_seeds_allow():
+    assert compare.ranking({"mixer": [2.0, 2.1], "transformer": [2.3, 2.2]}) == [
+        "mixer < transformer by 0.200: every seed of mixer ends below every seed of transformer."]
+    assert compare.ranking({"mixer": [2.0, 2.3], "transformer": [2.2, 2.25]}) == [
+        "mixer vs transformer: 0.075 apart, within the spread between seeds: no ranking."]
+    assert "no ranking is claimed" in compare.ranking({"mixer": [2.0], "transformer": [2.5]})[0]
+    assert compare.ranking({"mixer": [2.0, 2.1]}) == ["One arch only: nothing to rank."]
+
+
 def test_the_equal_tokens_view_and_the_summary_across_sweeps(tmp_path, monkeypatch, capsys):
     """Fake runs at two context lengths: the mixer sees 1000 tokens in its time, the transformer 500.
     At equal time the mixer ends lower; at equal tokens (500) the transformer does."""
