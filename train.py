@@ -563,13 +563,13 @@ def open_run(args):
     if args.layout and saved_layout and args.layout != saved_layout:
         raise TrainError(f"{ckpt_path} was trained with --layout {saved_layout}: drop the flag to resume, "
                          "or train into a new --out_dir")
-    return out_dir, ckpt, args.layout or saved_layout or "packed"
+    return out_dir, ckpt, args.layout or "packed"  # restore_flags gave a resume its run's layout
 
 
 def restore_flags(args, saved):
     """On --resume, every flag the command line did not give takes the run's own value (lr, budget,
     data, ...), so that a bare --resume continues the run it names; the model's come from its Config."""
-    keep = {"resume", "device", "out_dir", "given"} | {f.name for f in dataclasses.fields(Config)}
+    keep = {"resume", "device", "out_dir"} | {f.name for f in dataclasses.fields(Config)}
     for name, value in saved.items():
         if name not in keep and name not in args.given and hasattr(args, name):
             setattr(args, name, value)
