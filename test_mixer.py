@@ -896,6 +896,9 @@ def test_ddp_under_torchrun_on_cpu(prepared, tmp_path, capsys):
     assert int(log[-1]["tokens"]) == 40 * 2 * 16 * 64  # both ranks' batches count
     assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"]) - 1.0
     assert "written by 2 processes" in cli_error(capsys, run_train, *args, "--resume")
+    # every rank draws its own training windows: N ranks on one stream would train on the same batches N times
+    rng = train.load_checkpoint(tmp_path / "ckpt.pt")["rng"]
+    assert len(rng) == 2 and rng[0]["numpy"] != rng[1]["numpy"]
 
 
 def test_the_toeplitz_mixer_trains_resumes_exactly_and_samples(prepared, tmp_path, capsys):
@@ -1222,6 +1225,38 @@ def test_retrieval_compare_chooses_on_validation_and_reports_held_out(four_langu
     capsys.readouterr()
     run_retrieve(*argv)  # everything is read back
     assert ": training" not in capsys.readouterr().out
+
+
+def test_retrieval_compare_never_trains_on_its_validation_pairs(four_language_models, tmp_path, monkeypatch):
+    """The pairs that choose the learning rate are never trained on, by InfoNCE or by the v1 mixer."""
+    seen, trained, v1_rows = {}, set(), []
+    carve, tune, fit_v1 = retrieve.retrieval_data, retrieve.fine_tune, retrieve.train_retrieval_mixer
+
+    def spy_data(*a, **kw):
+        seen.update(carve(*a, **kw))
+        return seen
+
+    def spy_tune(model, summaries, stories, *a, **kw):
+        trained.update((tuple(q), tuple(s)) for q, s in zip(summaries, stories))
+        return tune(model, summaries, stories, *a, **kw)
+
+    def spy_v1(summaries, stories, recipe):
+        v1_rows.append(len(summaries))
+        return fit_v1(summaries, stories, recipe)
+
+    monkeypatch.setattr(retrieve, "retrieval_data", spy_data)
+    monkeypatch.setattr(retrieve, "fine_tune", spy_tune)
+    monkeypatch.setattr(retrieve, "train_retrieval_mixer", spy_v1)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(120, seed=0))
+    held_out = write_jsonl(tmp_path / "held.jsonl", synthetic_pairs(64, seed=1))
+    run_retrieve("compare", "--ckpt", *four_language_models[:2], "--pairs", pairs, "--held_out", held_out,
+                 "--val_pairs", 40, "--lrs", 1e-3, "--steps", 2, "--group", 8, "--v1_lrs", 1e-3, "--v1_steps", 2,
+                 "--candidates", 8, "--out_dir", tmp_path / "out")
+    as_pairs = lambda texts: {(tuple(q), tuple(s)) for q, s in zip(*texts)}  # noqa: E731
+    fit, val = as_pairs(seen["fit"]), as_pairs(seen["val"])
+    assert len(fit) + len(val) == 120 and not fit & val
+    assert trained == fit  # InfoNCE fine-tuned on every fitting pair and on nothing else
+    assert v1_rows and all(n == len(fit) for n in v1_rows)  # the v1 mixer: the fitting pairs' embeddings
 
 
 def test_retrieval_compare_end_to_end(four_language_models, tmp_path, capsys):
