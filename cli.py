@@ -7,17 +7,21 @@ Every script turns a UserError into one line on stderr and exit code 2 (see run)
 bad flag the same way.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
+import shutil
+import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from mixer import Config
+from mixer import ARCHS, ATTN_IMPLS, MIXINGS, Config, Model
 
 
 class UserError(Exception):
@@ -76,28 +80,68 @@ def variant_flags(name):
     return [arg for field, value in VARIANTS[name].items() for arg in (f"--{field}", value)]
 
 
+def flag(default, kind, help, choices=None):
+    """A config dataclass field that is also a command-line flag: its default, how its text is read
+    (kind: a flag type here; None: a switch), its help and choices (add_config_flags)."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "choices": choices})
+
+
+def add_config_flags(parser, cls, title, set_defaults=False):
+    """A flag per field of the dataclass cls made by flag() (the others are not flags), its default shown in
+    the help. set_defaults: the parsed flags hold the defaults; else what the parser's argument_default says."""
+    group = parser.add_argument_group(title)
+    for field in dataclasses.fields(cls):
+        if "help" not in field.metadata:
+            continue
+        kind, help = field.metadata["kind"], field.metadata["help"]
+        kw = {"default": field.default} if set_defaults else {}
+        shown = help + ("" if field.default is None or set_defaults else f" (default: {field.default})")
+        if kind is None:
+            group.add_argument(f"--{field.name}", action="store_true", help=help)
+        elif kind is boolean:
+            group.add_argument(f"--{field.name}", type=boolean, nargs="?", const=True, help=shown, **kw)
+        else:
+            group.add_argument(f"--{field.name}", type=kind, choices=field.metadata["choices"], help=shown, **kw)
+
+
+# The model flags whose values are names, and the flags that mean nothing to an arch: given with it,
+# they are a mistake the user should hear about, not a silent no-op.
+MODEL_CHOICES = {"arch": ARCHS, "mixing": MIXINGS, "attn_impl": ATTN_IMPLS}
+WITHOUT_EFFECT = {"mixer": ("n_head", "attn_impl"), "transformer": ("mixer_heads", "mixing"), "hybrid": ()}
+
+
 def add_model_flags(parser, defaults=None, skip=("arch", "vocab_size", "causal"), title="model (mixer.Config)"):
-    """One flag per mixer.Config field but those in skip, typed as the field (Config checks the values).
-    defaults: {field: value} where a script's default differs from Config's; a flag without one is None
-    (Config's default, or the checkpoint's on train.py --resume)."""
+    """One flag per mixer.Config field but those in skip, typed as the field (Config checks the values),
+    with its choices where it names one. defaults: {field: value} where a script's default differs
+    from Config's; a flag without one takes the parser's default (None, or argparse.SUPPRESS)."""
     group = parser.add_argument_group(title)
     defaults = defaults or {}
     for field in dataclasses.fields(Config):
         if field.name not in skip:
-            default = defaults.get(field.name)
-            group.add_argument(f"--{field.name}", type=boolean if field.type is bool else field.type, default=default,
-                               help=None if default is not None else f"default {field.default}")
+            kw = {"default": defaults[field.name]} if field.name in defaults else {}
+            group.add_argument(f"--{field.name}", type=boolean if field.type is bool else field.type,
+                               choices=MODEL_CHOICES.get(field.name), **kw,
+                               help=None if field.name in defaults else f"default {field.default}")
     return group
 
 
 def config_from_flags(args, what="invalid model settings", **fixed):
-    """The Config of the model flags that were given, plus fixed fields; a bad value is a UserError
-    'what: reason'."""
+    """The Config of the model flags that were given (a namespace), plus fixed fields; a bad value is a
+    UserError 'what: reason'."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name, None) is not None}
     try:
         return Config(**{**flags, **fixed})
     except ValueError as e:
         raise UserError(f"{what}: {e}") from None
+
+
+def refuse_flags_without_effect(given):
+    """given: {model field: value} of the flags on a command line that trains one arch."""
+    arch = given.get("arch", Config.arch)
+    for name in WITHOUT_EFFECT[arch]:
+        if name in given:
+            raise UserError(f"--{name} has no effect on --arch {arch}: drop it (it applies to "
+                            f"{' and '.join(a for a in ARCHS if name not in WITHOUT_EFFECT[a])})")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -108,6 +152,182 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in help:
             help += " (default: %(default)s)"
         return help
+
+
+# ---------------------------------------------------------------------------------------- device, precision, compile
+
+def pick_device(requested):
+    if requested != "auto":
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise UserError(f"--device {requested!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: this machine has no CUDA GPU (use --device cpu or auto)")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16():
+    """True when this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16). Elsewhere torch
+    emulates bf16 matmuls, which is slower than float32, so bf16 pays only here. (Private torch
+    helpers: a torch without them answers False, i.e. float32.)"""
+    return any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_dtype(device, dtype):
+    """--dtype auto: bf16 autocast on a CUDA GPU that supports it and on a CPU with native bf16
+    matmuls, float32 everywhere else. The one rule of every script that trains or embeds."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def autocast(device, dtype):
+    """(context manager, dtype name): autocast to the resolved dtype, or nothing for float32."""
+    dtype = resolve_dtype(device, dtype)
+    if dtype == "float32":
+        return contextlib.nullcontext(), dtype
+    return torch.autocast(device.type, dtype=getattr(torch, dtype)), dtype
+
+
+def mixed_precision(device, dtype):
+    """(autocast context, loss scaler, dtype name) for training. float16 needs its loss scaler
+    (small gradients underflow to zero without it); bf16 and float32 do not (the scaler is off)."""
+    ctx, dtype = autocast(device, dtype)
+    return ctx, torch.amp.GradScaler(device.type, enabled=dtype == "float16"), dtype
+
+
+def c_compiler():
+    """The C++ compiler torch.compile would use on the CPU (None: there is none)."""
+    return next(filter(None, (shutil.which(cc) for cc in (os.environ.get("CXX", ""), "g++", "clang++", "c++"))), None)
+
+
+def compile_by_default(device, dtype):
+    """Whether --compile is on when not given: everywhere a compiler may work (cannot_compile says
+    where it cannot; the run then trains eager after one line)."""
+    return True
+
+
+def cannot_compile(device):
+    """Why torch.compile cannot work on this device, or None: it needs CUDA, or a C++ compiler on the CPU."""
+    if device.type == "mps":
+        return "not supported on mps"
+    if device.type == "cpu" and c_compiler() is None:
+        return "no C++ compiler found (g++ or clang++) for this CPU"
+    return None
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "RTX 3060": 51e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def can_compile(device, say):
+    """Whether torch.compile can work on device; where it cannot, say(why) once: the run trains eager."""
+    problem = cannot_compile(device)
+    if problem:
+        say(f"compile: {problem}; training eager (--compile false hides this line)")
+    return problem is None
+
+
+def setup_distributed(device):
+    """(rank, world_size, device). Under torchrun: DDP, one process per GPU; else a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def wrap(model, compile, world, device):
+    """The model as trained: torch.compile'd and/or wrapped for DDP."""
+    model = torch.compile(model) if compile else model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def agree(clock, interrupted, world, device):
+    """(training seconds, interrupted) as every rank sees them: under DDP the slowest rank's clock and
+    anyone's Ctrl-C, so that all ranks stop at the same step with the same lr."""
+    if world == 1:
+        return clock.seconds(), interrupted
+    both = torch.tensor([clock.seconds(), float(interrupted)], dtype=torch.float64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return both[0].item(), bool(both[1].item())
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_dtype_flag(parser):
+    """--dtype, the same flag and rule (resolve_dtype) in every script that trains or embeds."""
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="auto: bf16 autocast on GPUs that support it and on CPUs with native bf16 matmuls "
+                             "(AMX, AVX512-BF16), else float32")
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def atomic_save(obj, path):
+    """torch.save, atomically (cli.AtomicFile): a crash or kill at any moment leaves the old file or
+    the new one at path, never a partial one."""
+    with AtomicFile(path) as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(path, needs=("model", "config", "data_meta"), device="cpu"):
+    """The dict saved in a checkpoint file. The one reader of every .pt this project writes: any
+    failure to read one becomes a UserError that names the file and says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path} (train one with python train.py)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"{path} is not a readable checkpoint ({reason}). It is truncated or corrupt; train.py "
+                         "never leaves a half-written one (it writes a temp file and renames it), so it was damaged "
+                         "later: use another copy or a ckpt_stepN.pt snapshot, or retrain") from None
+    missing = [key for key in needs if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint of the expected kind (no {', '.join(missing)}): "
+                         "give a file written by the script that makes it")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The Model a checkpoint dict describes, with its weights."""
+    try:
+        model = Model(Config(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not match this version of mixer.py ({str(e).splitlines()[0][:120]}): "
+                         "use the code it was trained with, or retrain") from None
+    return model
+
+
+def load_model(ckpt_path, device="cpu"):
+    """A trained Model from a checkpoint (eval mode), with the data meta it was trained on."""
+    ckpt = load_checkpoint(ckpt_path)
+    return model_from_checkpoint(ckpt, ckpt_path).to(device).eval(), ckpt["data_meta"]
 
 
 # ---------------------------------------------------------------------------------------- progress
@@ -144,6 +364,38 @@ class Progress:
         if self.tty:  # overwrite the previous line, padding over its longer tail
             text, self.width = "\r" + text.ljust(self.width), len(text)
         print(text, end=end, file=self.stream, flush=True)
+
+
+def duration(seconds):
+    """12s, 8m32s, 21h06m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class StopFlag:
+    """Set by Ctrl-C (SIGINT/SIGTERM) while active; the loop stops between steps (or between eval
+    batches), so the saved state is consistent. A second Ctrl-C exits at once: ckpt.pt is then the
+    last one written, whole (writes are atomic). The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.set = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.set:
+            os.write(2, b"\nsecond Ctrl-C: exiting now; the last checkpoint written stays as it is\n")
+            os._exit(130)
+        self.set = True  # os.write, not print: a handler that prints while the loop prints can raise
+        os.write(2, b"\nCtrl-C: saving the last completed step, then exiting (Ctrl-C again to exit at once)\n")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------- files

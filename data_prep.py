@@ -240,8 +240,8 @@ def middle_sentence(story):
     return sentences[len(sentences) // 2] if len(sentences) >= 3 else None
 
 
-class Split:
-    """One output split: its token shard, its pairs file (at most max_pairs lines), and its counts."""
+class SplitWriter:
+    """Writes one split: its token shard, its pairs file (at most max_pairs lines), and its counts."""
 
     def __init__(self, out_dir, name, max_pairs):
         self.shard = AtomicFile(out_dir / f"{name}.bin")
@@ -268,7 +268,7 @@ class Split:
         self.pairs.discard()
 
 
-def tokenize(stories, splits, enc, num_proc):
+def write_splits(stories, splits, enc, num_proc):
     """Stream (story, summary, split_name) in chunks; tiktoken encodes each chunk on num_proc threads
     (it releases the GIL). Memory is bounded by the chunk size, not the input size."""
     start, n_tokens, progress = time.time(), 0, Progress()
@@ -327,9 +327,9 @@ def prepare(args):
     else:
         stories = labelled(read_stories(train_paths, args.max_stories),
                            lambda story: "val" if is_val(story, args.val_fraction) else "train", args.proxy_pairs)
-    splits = {"train": Split(out_dir, "train", args.max_pairs), "val": Split(out_dir, "val", args.max_val_pairs)}
+    splits = {"train": SplitWriter(out_dir, "train", args.max_pairs), "val": SplitWriter(out_dir, "val", args.max_val_pairs)}
     try:
-        tokenize(stories, splits, enc, args.num_proc)
+        write_splits(stories, splits, enc, args.num_proc)
         for name, split in splits.items():
             if split.tokens == 0:
                 raise DataError(f"the {name} split is empty: give --val_input, or a larger "

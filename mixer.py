@@ -1,5 +1,5 @@
 """
-Masked mixer, transformer and hybrid ("transfixer") language models in one file.
+Masked mixer, transformer and hybrid language models in one file.
 
 Badger, "Masked Mixers for Language Generation and Retrieval" (2024): replace self-attention by a
 causally masked, learned [T, T] mixing over the token axis. All three models here share one block:
@@ -20,9 +20,7 @@ import torch.nn.functional as F
 
 ARCHS = ("mixer", "transformer", "hybrid")
 MIXINGS = ("full", "toeplitz")
-# The Toeplitz mixer convolves by FFT from this context length on. On a 2-core CPU (bench.py --toeplitz,
-# RESULTS.md) the FFT is 2-3x faster from 2048 in bf16 and in float32; at 1024 dense wins in bf16.
-FFT_FROM = 2048
+ATTN_IMPLS = ("sdpa", "eager")
 
 
 @dataclass
@@ -48,8 +46,8 @@ class Config:
                 raise ValueError(f"{count} must be at least 1, not {getattr(self, count)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
-        if self.attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"unknown attn_impl {self.attn_impl!r}: choose sdpa or eager")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attn_impl {self.attn_impl!r}: choose {' or '.join(ATTN_IMPLS)}")
         if self.mixing not in MIXINGS:
             raise ValueError(f"unknown mixing {self.mixing!r}: choose {' or '.join(MIXINGS)}")
         if not self.causal and (self.arch != "mixer" or self.mixing != "full"):
@@ -72,122 +70,24 @@ def masked_mix(weight, bias, x):
     One learned [T, T] matrix W (and bias b) per head, mixing along the token axis: the same weights
     for every input, where attention computes them from the input. The mask keeps the lower triangle
     (diagonal included), so output i depends on inputs 0..i only: a causal language model. Inputs
-    shorter than T use the top-left corner, which is exact because of the mask. MaskedMixing below
-    computes this same function (the tests check values and gradients) through MaskedMatmul, which
-    saves less for the backward pass, and keeps a cache for generation."""
+    shorter than T use the top-left corner, which is exact because of the mask."""
     T = x.size(2)
     return weight[:, :T, :T].tril() @ x + bias[:, :T]  # [h, T, T] @ [B, h, T, dh] -> [B, h, T, dh]
 
 
-def masked(w, diagonal, causal):
-    """The causal mask: zero every entry above the diagonal (shifted by `diagonal`)."""
-    return w.tril(diagonal) if causal else w
-
-
-class MaskedMatmul(torch.autograd.Function):
-    """y = mask(W) @ v for W [h, T, S] and v [B, h, S, dh]: masked_mix's product, with a leaner
-    backward. Autograd would save the masked copy of W for the matmul's backward (and broadcasting
-    over the batch may copy it again): [T, T]-sized activations in every layer, the largest ones at
-    long contexts. Here the backward keeps only W (a parameter, stored anyway) and v, and masks
-    again, so masked entries get exactly zero gradient. diagonal = t0 when rows start at position
-    t0 (the generation cache); causal=False mixes bidirectionally (retrieve.py's retrieval mixer)."""
-
-    @staticmethod
-    def forward(ctx, weight, v, diagonal, causal):
-        ctx.save_for_backward(weight, v)
-        ctx.diagonal, ctx.causal = diagonal, causal
-        return torch.einsum("hts,bhsd->bhtd", masked(weight, diagonal, causal), v)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        weight, v = ctx.saved_tensors
-        w = masked(weight, ctx.diagonal, ctx.causal).to(grad_y.dtype)  # compute in the forward's (autocast) dtype
-        grad_w, grad_v = matmul_grads(w, v, grad_y)
-        return masked(grad_w, ctx.diagonal, ctx.causal).to(weight.dtype), grad_v.to(v.dtype), None, None
-
-
-def matmul_grads(w, v, grad_y):
-    """Gradients of y = w @ v (w [h, T, S], v [B, h, S, dh]): grad_w summed over the batch, grad_v."""
-    grad_v = torch.einsum("hts,bhtd->bhsd", w, grad_y)
-    grad_w = torch.einsum("bhtd,bhsd->hts", grad_y, v.to(grad_y.dtype))
-    return grad_w, grad_v
-
-
-# The Toeplitz variant: W[t, s] = k[t - s], one weight per offset and head (T weights instead of T^2),
-# a causal convolution along the token axis. The author's own follow-up; mixing.py found the trained
-# full mixers close to it.
-
-def offsets(t0, T, S, device):
-    """[T, S] offsets t - s of rows t0 .. t0 + T - 1 and columns 0 .. S - 1 (negative: masked)."""
-    return t0 + torch.arange(T, device=device).unsqueeze(1) - torch.arange(S, device=device)
-
-
-def toeplitz(kernel, t0, T, S):
-    """Rows t0 .. t0 + T - 1 of the masked Toeplitz matrix of kernel [h, L]: [h, T, S], entry (t, s)
-    = kernel[t0 + t - s] on and below the diagonal, 0 above it."""
-    k = offsets(t0, T, S, kernel.device)
-    return kernel[:, k.clamp(min=0)] * (k >= 0)
-
-
-class ToeplitzMatmul(torch.autograd.Function):
-    """y = toeplitz(kernel) @ v for kernel [h, L] and v [B, h, S, dh] (rows t0 .. t0 + T - 1),
-    saving only the kernel and v: the [T, S] matrix is built again in the backward, and its gradient
-    (that of the full mixer) is summed along each diagonal onto the kernel entry it came from."""
-
-    @staticmethod
-    def forward(ctx, kernel, v, t0, T):
-        ctx.save_for_backward(kernel, v)
-        ctx.t0, ctx.T = t0, T
-        return torch.einsum("hts,bhsd->bhtd", toeplitz(kernel, t0, T, v.size(2)).to(v.dtype), v)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        kernel, v = ctx.saved_tensors
-        S = v.size(2)
-        grad_w, grad_v = matmul_grads(toeplitz(kernel, ctx.t0, ctx.T, S).to(grad_y.dtype), v, grad_y)
-        k = offsets(ctx.t0, ctx.T, S, kernel.device)
-        below = k >= 0  # [T, S]
-        grad_kernel = torch.zeros_like(kernel, dtype=grad_w.dtype).index_add_(1, k[below], grad_w[:, below])
-        return grad_kernel.to(kernel.dtype), grad_v.to(v.dtype), None, None
-
-
-def toeplitz_fft(kernel, v):
-    """toeplitz(kernel) @ v for the whole context at once (rows 0 .. S - 1), as a causal convolution by
-    FFT: O(S log S) instead of O(S^2), zero-padded to 2S so nothing wraps around. In float32 (the
-    CPU's FFT has no bf16); autograd saves only O(S) spectra."""
-    S = v.size(2)
-    n = 2 * S
-    spectrum = torch.fft.rfft(kernel[:, :S].float(), n=n).unsqueeze(-1)  # [h, n/2 + 1, 1]
-    y = torch.fft.irfft(spectrum * torch.fft.rfft(v.float(), n=n, dim=2), n=n, dim=2)[:, :, :S]
-    return y.to(v.dtype)  # [B, h, S, dh]
-
-
-# Generation cache: one dict for the whole model, each module storing its past [B, h, t, dh]
-# tensors under keys of its own (the module itself, or (module, name)).
-def cached_length(cache, key):
-    return cache[key].size(2) if cache and key in cache else 0
-
-
-def append_to_cache(cache, key, new):
-    """Concatenate new [B, h, T_new, dh] onto cache[key] along time and return the whole."""
-    if cache is None:
-        return new
-    cache[key] = torch.cat([cache[key], new], dim=2) if key in cache else new
-    return cache[key]
-
-
 class MaskedMixing(nn.Module):
-    """masked_mix per head, with heads, the generation cache and MaskedMatmul's lean backward.
+    """masked_mix per head: y = tril(W) @ x + b, with W one of two things.
 
     mixing "full" (the paper): W is a learned [T, T] matrix per head (T = block_size); W[i, j] is
-    specific to positions i and j, so no positional encoding is needed. mixing "toeplitz": W[i, j] =
-    k[i - j] from a learned kernel k of T weights per head. Both start as the identity.
+    specific to positions i and j, so no positional encoding is needed. mixing "toeplitz" (the
+    author's follow-up): W[i, j] = k[i - j] from a learned kernel k of T weights per head, one weight
+    per offset: a causal convolution along the tokens. Both start as the identity.
     """
 
     def __init__(self, config):
         super().__init__()
         T, h = config.block_size, config.mixer_heads
-        self.n_head, self.causal, self.toeplitz = h, config.causal, config.mixing == "toeplitz"
+        self.n_head, self.causal, self.mixing = h, config.causal, config.mixing
         # heads > 1: each head sees its own projection of x (one Linear, split into heads) and the
         # concatenated heads are projected back. One head is the paper's flat mixer: no projections.
         self.proj_in = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
@@ -198,7 +98,7 @@ class MaskedMixing(nn.Module):
         # shared TinyStories slice (d64, 2 layers, T64, 150 steps): identity reached val loss 3.69,
         # zeros 3.83, PyTorch's default random init (scaled per row to its i+1 live inputs) 5.95, no
         # better than unigram: a random mix of earlier tokens drowns each token's own identity.
-        if self.toeplitz:
+        if self.mixing == "toeplitz":
             self.kernel = nn.Parameter(torch.zeros(h, T))  # k[:, 0]: the diagonal, k[:, 1]: one back, ...
             with torch.no_grad():
                 self.kernel[:, 0] = 1.0
@@ -208,21 +108,30 @@ class MaskedMixing(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         v = self.proj_in(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, h, T, dh]
-        t0 = cached_length(cache, self)  # positions computed before this call
+        t0 = cached_length(cache, self)  # positions computed before this call (the generation cache)
         v = append_to_cache(cache, self, v)  # [B, h, t0 + T, dh]
-        # rows t0 .. t0 + T - 1 of W see columns 0 .. t0 + T - 1; row t0 + i keeps columns <= t0 + i
-        if not self.toeplitz:
-            y = MaskedMatmul.apply(self.weight[:, t0 : t0 + T, : t0 + T], v, t0, self.causal)
-        elif t0 == 0 and T >= FFT_FROM:
-            y = toeplitz_fft(self.kernel, v)
-        else:
-            y = ToeplitzMatmul.apply(self.kernel, v, t0, T)
-        y = y + self.bias[:, t0 : t0 + T]  # [B, h, T, dh]
+        y = self.tril_w_times(v, t0) + self.bias[:, t0 : t0 + T]  # rows t0 .. t0 + T - 1: [B, h, T, dh]
         return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
+
+    def tril_w_times(self, v, t0):
+        """Rows t0 .. t0 + T - 1 of tril(W) @ v, v [B, h, t0 + T, dh]: row t0 + i keeps columns <= t0 + i.
+        Each kernel below builds W inside itself, so that autograd keeps no [h, T, T] copy per layer."""
+        T = v.size(2) - t0
+        if self.mixing == "full":
+            # W is the learned matrix. MaskedMatmul equals masked_mix in values and gradients
+            # (test_the_paper_line_and_masked_matmul_agree_in_values_and_gradients).
+            return MaskedMatmul.apply(self.weight[:, t0 : t0 + T, : t0 + T], v, t0, self.causal)
+        if t0 == 0 and T >= fft_from(v):
+            # W[i, j] = kernel[i - j], a long context at once: a convolution by FFT, equal to the dense
+            # product (test_a_long_context_toeplitz_model_takes_the_fft_and_gives_the_same_logits).
+            return toeplitz_fft(self.kernel, v)
+        # W[i, j] = kernel[i - j], built densely in the op: equal to MaskedMatmul with that W
+        # (test_toeplitz_matmul_is_the_full_mixer_with_a_toeplitz_matrix).
+        return ToeplitzMatmul.apply(self.kernel, v, t0, T)
 
     def matrix(self):
         """[h, T, T]: the masked mixing matrix each head applies (for mixing.py and the tests)."""
-        if self.toeplitz:
+        if self.mixing == "toeplitz":
             T = self.kernel.size(1)
             return toeplitz(self.kernel, 0, T, T)
         return masked(self.weight, 0, self.causal)
@@ -297,8 +206,8 @@ def attention_probs(q, k, causal):
     return scores.softmax(dim=-1)
 
 
-class AttentionThenMixing(nn.Module):
-    """The paper's "transfixer": attention output a is also masked-mixed, a + mix(a)."""
+class Hybrid(nn.Module):
+    """The paper's transformer + mixer hybrid: attention output a is also masked-mixed, a + mix(a)."""
 
     def __init__(self, config):
         super().__init__()
@@ -310,7 +219,7 @@ class AttentionThenMixing(nn.Module):
         return a + self.mix(a, cache)
 
 
-TOKEN_MIXERS = {"mixer": MaskedMixing, "transformer": Attention, "hybrid": AttentionThenMixing}
+TOKEN_MIXERS = {"mixer": MaskedMixing, "transformer": Attention, "hybrid": Hybrid}
 
 
 class SwiGLU(nn.Module):
@@ -353,9 +262,8 @@ class Model(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_out = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied, as in the paper
-        # GPT-2 init for the dense layers. Each residual branch ends in a proj_out whose weights are
-        # scaled down with depth, so the residual stream's variance does not grow with n_layer (flat
-        # mixers have no proj_out: their branch scale comes from the per-row mixing init).
+        # GPT-2 init; each residual branch's proj_out scaled down with depth, so the residual stream's
+        # variance does not grow with n_layer (flat mixers have none: the mixing init sets their scale).
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj_out.weight"):
@@ -386,18 +294,13 @@ class Model(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    def embed(self, idx, lengths=None, pool="last"):
+    def embed(self, idx, lengths=None, pool="mean"):
         """Retrieval embedding [B, n_embd] of right-padded sequences idx [B, T] (lengths [B]; None: no
-        padding): the final hidden state at each sequence's last real token (pool "last"), or the mean
-        of the final hidden states over its real tokens (pool "mean").
-
-        Why the last position: our loss trains every input position (targets are the inputs shifted by
-        one inside a block_size + 1 window), so the last token's state is trained and is the only one
-        that has seen the whole text. (The author used the second-to-last token because in his setup
-        the last position never received a loss.) Why a mean: a trained mixer's last state mostly
-        encodes the last few tokens (RESULTS.md, Retrieval), so a query about the middle of a text
-        finds little there. Padding can be any token: causality keeps it out of every real position.
-        """
+        padding): the mean of the final hidden states over each sequence's real tokens (pool "mean"),
+        or the state at its last real token (pool "last", the paper's: our loss trains every position,
+        so the last one is trained and has seen the whole text). The mean retrieves better: a trained
+        mixer's last state mostly encodes the last few tokens (RESULTS.md section 4). Padding can be
+        any token: causality keeps it out of every real position."""
         h = self.hidden_states(idx)  # [B, T, d]
         T = idx.size(1)
         lengths = torch.full((idx.size(0),), T, device=idx.device) if lengths is None else lengths.to(idx.device)
@@ -408,13 +311,9 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
-        """Append max_new_tokens sampled tokens to idx [B, T]. temperature 0 is greedy.
-
-        With use_cache, each layer keeps what it needs of past positions (mixer: its normalised
-        inputs; attention: K and V), so a new token costs O(t) instead of a full forward. Past
-        block_size the context is cropped to the last block_size tokens as in nanoGPT; positions are
-        absolute, so every crop shifts all of them and the window is recomputed from scratch.
-        """
+        """Append max_new_tokens sampled tokens to idx [B, T]; temperature 0 is greedy. With use_cache each
+        layer keeps its past inputs (mixer) or K and V (attention): a new token costs O(t). Past block_size
+        the context is cropped to the last block_size tokens (nanoGPT) and the window recomputed."""
         cache = {}
         for _ in range(max_new_tokens):
             if cache and idx.size(1) <= self.config.block_size:
@@ -434,21 +333,128 @@ class Model(nn.Module):
             idx = torch.cat([idx, next_token], dim=1)
         return idx
 
+    def make_optimizer(self, lr, weight_decay, device):
+        """AdamW; weight decay on matrices only (the [T, T] mixing weights included), not on norms/biases."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
     def num_params(self, non_embedding=False):
         """All parameters, or (non_embedding) without the token embedding and the untied lm_head."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() - self.lm_head.weight.numel() if non_embedding else n
 
     def flops_per_token(self, T=None):
-        """Training FLOPs (forward + backward = 3 x forward) per token at sequence length T.
-
-        Forward: 2 FLOPs per weight of every matmul (the embedding is a lookup; the [T, T] mixing
-        weights are counted below), plus the sequence-length-dependent matmuls of each layer, each
-        2 * T * n_embd per token: attention has two (Q K^T and A V), the mixer one (W x), the hybrid
-        three. Counted dense, as executed (nanoGPT counts attention the same way).
-        """
+        """Training FLOPs (forward + backward = 3 x forward) per token at sequence length T: 2 per weight
+        of every Linear, plus per layer 2 * T * n_embd for each sequence matmul (attention: Q K^T and
+        A V; the mixer: W x; the hybrid: three), counted dense, as executed (as nanoGPT counts)."""
         T = T or self.config.block_size
         dense = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         seq_matmuls = {"mixer": 1, "transformer": 2, "hybrid": 3}[self.config.arch]
         forward = 2 * dense + self.config.n_layer * seq_matmuls * 2 * T * self.config.n_embd
         return 3 * forward
+
+
+# ---------------------------------------- Part 2, which a learner may skip: the kernels MaskedMixing calls, the cache
+
+def masked(w, t0, causal):
+    """The causal mask of rows that start at position t0: zero every entry above the diagonal shifted by t0."""
+    return w.tril(t0) if causal else w
+
+
+class MaskedMatmul(torch.autograd.Function):
+    """y = mask(W) @ v for W [h, T, S] and v [B, h, S, dh], rows from position t0 on. Autograd would save
+    the masked copy of W (the largest activation at long contexts); this backward keeps only W (a
+    parameter, stored anyway) and v, and masks again, so masked entries get exactly zero gradient.
+    causal=False mixes bidirectionally (retrieve.py's retrieval mixer)."""
+
+    @staticmethod
+    def forward(ctx, weight, v, t0, causal):
+        ctx.save_for_backward(weight, v)
+        ctx.t0, ctx.causal = t0, causal
+        return torch.einsum("hts,bhsd->bhtd", masked(weight, t0, causal), v)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, v = ctx.saved_tensors
+        w = masked(weight, ctx.t0, ctx.causal).to(grad_y.dtype)  # compute in the forward's (autocast) dtype
+        grad_w, grad_v = matmul_grads(w, v, grad_y)
+        return masked(grad_w, ctx.t0, ctx.causal).to(weight.dtype), grad_v.to(v.dtype), None, None
+
+
+def matmul_grads(w, v, grad_y):
+    """Gradients of y = w @ v (w [h, T, S], v [B, h, S, dh]): grad_w summed over the batch, grad_v."""
+    grad_v = torch.einsum("hts,bhtd->bhsd", w, grad_y)
+    grad_w = torch.einsum("bhtd,bhsd->hts", grad_y, v.to(grad_y.dtype))
+    return grad_w, grad_v
+
+
+# The Toeplitz mixer's W[t, s] = k[t - s], built inside the op (mixing.py found trained full mixers close to it).
+
+def offsets(t0, T, S, device):
+    """[T, S] offsets t - s of rows t0 .. t0 + T - 1 and columns 0 .. S - 1 (negative: masked)."""
+    return t0 + torch.arange(T, device=device).unsqueeze(1) - torch.arange(S, device=device)
+
+
+def toeplitz(kernel, t0, T, S):
+    """Rows t0 .. t0 + T - 1 of the masked Toeplitz matrix of kernel [h, L]: [h, T, S], entry (t, s)
+    = kernel[t0 + t - s] on and below the diagonal, 0 above it."""
+    k = offsets(t0, T, S, kernel.device)
+    return kernel[:, k.clamp(min=0)] * (k >= 0)
+
+
+class ToeplitzMatmul(torch.autograd.Function):
+    """y = toeplitz(kernel) @ v for kernel [h, L] and v [B, h, S, dh] (rows t0 .. t0 + T - 1),
+    saving only the kernel and v: the [T, S] matrix is built again in the backward, and its gradient
+    (that of the full mixer) is summed along each diagonal onto the kernel entry it came from."""
+
+    @staticmethod
+    def forward(ctx, kernel, v, t0, T):
+        ctx.save_for_backward(kernel, v)
+        ctx.t0, ctx.T = t0, T
+        return torch.einsum("hts,bhsd->bhtd", toeplitz(kernel, t0, T, v.size(2)).to(v.dtype), v)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        kernel, v = ctx.saved_tensors
+        S = v.size(2)
+        grad_w, grad_v = matmul_grads(toeplitz(kernel, ctx.t0, ctx.T, S).to(grad_y.dtype), v, grad_y)
+        k = offsets(ctx.t0, ctx.T, S, kernel.device)
+        below = k >= 0  # [T, S]
+        grad_kernel = torch.zeros_like(kernel, dtype=grad_w.dtype).index_add_(1, k[below], grad_w[:, below])
+        return grad_kernel.to(kernel.dtype), grad_v.to(v.dtype), None, None
+
+
+# The Toeplitz mixer convolves by FFT from this context length on, by the dtype its product runs in (the
+# autocast dtype under autocast): where the FFT won in every round of bench --toeplitz (RESULTS.md section 2).
+FFT_FROM = {"float32": 2048, "bfloat16": 2048}
+
+
+def fft_from(v):  # the threshold for the dtype the product of v [B, h, S, dh] runs in
+    dtype = torch.get_autocast_dtype(v.device.type) if torch.is_autocast_enabled(v.device.type) else v.dtype
+    return FFT_FROM.get(str(dtype).removeprefix("torch."), FFT_FROM["float32"])
+
+
+def toeplitz_fft(kernel, v):
+    """toeplitz(kernel) @ v for the whole context at once (rows 0 .. S - 1), as a causal convolution by
+    FFT: O(S log S) instead of O(S^2), zero-padded to 2S so nothing wraps around. In float32 (the
+    CPU's FFT has no bf16); autograd saves only O(S) spectra."""
+    S = v.size(2)
+    n = 2 * S
+    spectrum = torch.fft.rfft(kernel[:, :S].float(), n=n).unsqueeze(-1)  # [h, n/2 + 1, 1]
+    y = torch.fft.irfft(spectrum * torch.fft.rfft(v.float(), n=n, dim=2), n=n, dim=2)[:, :, :S]
+    return y.to(v.dtype)  # [B, h, S, dh]
+
+
+# Generation cache: one dict per model; each module keeps its past [B, h, t, dh] under its own keys.
+def cached_length(cache, key):
+    return cache[key].size(2) if cache and key in cache else 0
+
+
+def append_to_cache(cache, key, new):
+    """Concatenate new [B, h, T_new, dh] onto cache[key] along time and return the whole."""
+    if cache is None:
+        return new
+    cache[key] = torch.cat([cache[key], new], dim=2) if key in cache else new
+    return cache[key]

@@ -9,7 +9,7 @@ import torch
 
 from cli import HelpFormatter, nonneg_float, positive_int, run
 from data_prep import load_encoding
-from train import load_model, pick_device
+from cli import load_model, pick_device
 
 
 def sample(args):

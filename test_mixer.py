@@ -1,5 +1,4 @@
 """Test suite: python -m pytest -q  (CPU, no network; real text from testdata/, a TinyStories fixture)."""
-import argparse
 import hashlib
 import math
 import os
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import mixer
 from mixer import ARCHS, Config, MaskedMixing, Model
 
@@ -85,15 +85,15 @@ def test_masked_weights_get_exactly_zero_gradient(variant):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("diagonal", [0, 3])
-def test_masked_matmul_matches_autograd_through_an_explicit_mask(causal, diagonal):
+@pytest.mark.parametrize("t0", [0, 3])
+def test_masked_matmul_matches_autograd_through_an_explicit_mask(causal, t0):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(2, 5, 5 + diagonal, dtype=torch.double, generator=g, requires_grad=True)
-    v = torch.randn(3, 2, 5 + diagonal, 4, dtype=torch.double, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda w, v: mixer.MaskedMatmul.apply(w, v, diagonal, causal), (w, v))
-    mask = torch.ones(5, 5 + diagonal, dtype=torch.double).tril(diagonal) if causal else 1.0
+    w = torch.randn(2, 5, 5 + t0, dtype=torch.double, generator=g, requires_grad=True)
+    v = torch.randn(3, 2, 5 + t0, 4, dtype=torch.double, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, v: mixer.MaskedMatmul.apply(w, v, t0, causal), (w, v))
+    mask = torch.ones(5, 5 + t0, dtype=torch.double).tril(t0) if causal else 1.0
     grad_y = torch.randn(3, 2, 5, 4, dtype=torch.double, generator=g)
-    ours = torch.autograd.grad(mixer.MaskedMatmul.apply(w, v, diagonal, causal), (w, v), grad_y)
+    ours = torch.autograd.grad(mixer.MaskedMatmul.apply(w, v, t0, causal), (w, v), grad_y)
     plain = torch.autograd.grad((w * mask) @ v, (w, v), grad_y)
     assert all(torch.allclose(a, b) for a, b in zip(ours, plain))
 
@@ -156,7 +156,7 @@ def test_a_long_context_toeplitz_model_takes_the_fft_and_gives_the_same_logits(m
     idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dense, _ = model(idx)
-        monkeypatch.setattr(mixer, "FFT_FROM", 8)  # "long" from 8 tokens on
+        monkeypatch.setattr(mixer, "FFT_FROM", {"float32": 8, "bfloat16": 8})  # "long" from 8 tokens on
         calls = []
         monkeypatch.setattr(mixer, "toeplitz_fft", lambda k, v, fft=mixer.toeplitz_fft: calls.append(1) or fft(k, v))
         by_fft, _ = model(idx)
@@ -217,7 +217,7 @@ def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
     assert (logits[:, 5:] != logits_changed[:, 5:]).any(-1).all()
     above = torch.triu(torch.ones(16, 16, dtype=torch.bool), diagonal=1)
     for m in (m for m in model.modules() if isinstance(m, MaskedMixing)):
-        if m.toeplitz:  # nothing above the diagonal to mask: every offset is learned
+        if m.mixing == "toeplitz":  # nothing above the diagonal to mask: every offset is learned
             assert torch.count_nonzero(m.kernel.grad) == m.kernel.numel()
             continue
         assert torch.count_nonzero(m.weight.grad[:, above]) == 0
@@ -629,7 +629,7 @@ import sys  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 
-TINY_RUN = ["--compile", "false", "--n_layer", 2, "--n_embd", 64, "--n_head", 4, "--block_size", 64, "--batch_size", 16,
+TINY_RUN = ["--compile", "false", "--n_layer", 2, "--n_embd", 64, "--block_size", 64, "--batch_size", 16,
             "--warmup_iters", 20, "--lr", 3e-3, "--eval_iters", 5, "--log_interval", 10]
 
 
@@ -666,7 +666,7 @@ def test_short_run_beats_unigram_on_real_text(arch, prepared, tmp_path):
     assert [int(r["step"]) for r in log] == [0, 50, 100, 150]
     assert float(log[0]["val_loss"]) > unigram + 1.5  # starts near ln(4096) = 8.3
     assert float(log[-1]["val_loss"]) < unigram - 1.0, f"{arch}: {log[-1]['val_loss']} vs unigram {unigram:.2f}"
-    model, meta = train.load_model(tmp_path / "ckpt.pt")
+    model, meta = cli.load_model(tmp_path / "ckpt.pt")
     assert model.config.arch == arch and meta["vocab_size"] == 4096
 
 
@@ -756,7 +756,7 @@ def test_keep_every_snapshots_and_the_layout_stays_on_resume(prepared, tmp_path,
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--layout", "stories", "--max_iters", 20,
               "--eval_interval", 10, "--keep_every", 10, "--warmup_iters", 10, "--lr_schedule", "linear")
     assert sorted(p.name for p in tmp_path.glob("ckpt_step*.pt")) == ["ckpt_step0.pt", "ckpt_step10.pt", "ckpt_step20.pt"]
-    snapshot = train.load_checkpoint(tmp_path / "ckpt_step10.pt")
+    snapshot = cli.load_checkpoint(tmp_path / "ckpt_step10.pt")
     assert snapshot["step"] == 10 and snapshot["train_args"]["layout"] == "stories"
     lr = {int(r["step"]): float(r["lr"]) for r in read_log(tmp_path)}
     assert lr[10] == pytest.approx(3e-3) and lr[20] == pytest.approx(3e-4)  # peak when warmup ends, min at the end
@@ -815,14 +815,14 @@ def test_clock_cpu_counts_this_process_cpu_time_not_other_work(prepared, tmp_pat
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--max_iters", 10**6, "--max_minutes", 0.25,
               "--eval_interval", 5, "--clock", "cpu")
     assert [(int(r["step"]), float(r["elapsed_s"])) for r in read_log(tmp_path)][-1] == (15, 15.0)
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["train_args"]["clock"] == "cpu"
+    assert cli.load_checkpoint(tmp_path / "ckpt.pt")["train_args"]["clock"] == "cpu"
 
 
 def test_compile_is_the_default_and_its_first_step_is_not_training_time(prepared, tmp_path, fake_clock, monkeypatch,
                                                                         capsys):
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(SlowFirstCall(model, fake_clock)) or compiled[-1])
-    monkeypatch.setattr(train, "c_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(cli, "c_compiler", lambda: "/usr/bin/g++")
     eager = [a for a in TINY_RUN if a not in ("--compile", "false")]
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *eager, "--max_iters", 10**6, "--max_minutes", 0.5,
               "--eval_interval", 10)
@@ -841,12 +841,12 @@ def test_a_failed_compile_falls_back_to_eager_in_one_line(prepared, tmp_path, mo
             raise torch._dynamo.exc.TorchDynamoException("no compiler today")
 
     monkeypatch.setattr(torch, "compile", Broken)
-    monkeypatch.setattr(train, "c_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(cli, "c_compiler", lambda: "/usr/bin/g++")
     eager = [a for a in TINY_RUN if a not in ("--compile", "false")]
     run_train("--data_dir", prepared, "--out_dir", tmp_path / "broken", *eager, "--max_iters", 20, "--eval_interval", 20)
     out = capsys.readouterr().out
     assert out.count("compile: failed (no compiler today); training eager") == 1 and "done at step 20" in out
-    monkeypatch.setattr(train, "c_compiler", lambda: None)  # no compiler at all: said before training
+    monkeypatch.setattr(cli, "c_compiler", lambda: None)  # no compiler at all: said before training
     run_train("--data_dir", prepared, "--out_dir", tmp_path / "none", *eager, "--max_iters", 5, "--eval_interval", 5)
     out = capsys.readouterr().out
     assert out.count("compile: no C++ compiler found") == 1 and "done at step 5" in out
@@ -857,7 +857,7 @@ def test_a_snapshot_holds_the_time_and_best_val_of_its_own_step(prepared, tmp_pa
               "--keep_every", 10)
     val = {int(r["step"]): float(r["val_loss"]) for r in read_log(tmp_path)}
     for step in (0, 10, 20):
-        snapshot = train.load_checkpoint(tmp_path / f"ckpt_step{step}.pt")
+        snapshot = cli.load_checkpoint(tmp_path / f"ckpt_step{step}.pt")
         assert snapshot["step"] == step and snapshot["elapsed"] == step  # 1 s a step
         assert snapshot["best_val"] == pytest.approx(min(v for s, v in val.items() if s <= step), abs=1e-4)
 
@@ -868,8 +868,8 @@ def test_a_snapshot_holds_the_time_and_best_val_of_its_own_step(prepared, tmp_pa
 def test_dtype_auto_picks_bf16_on_every_cpu_that_multiplies_it_natively(amx, avx512_bf16, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    assert train.resolve_dtype(torch.device("cpu"), "auto") == expected
-    assert train.resolve_dtype(torch.device("cpu"), "float32") == "float32"  # an explicit choice stands
+    assert cli.resolve_dtype(torch.device("cpu"), "auto") == expected
+    assert cli.resolve_dtype(torch.device("cpu"), "float32") == "float32"  # an explicit choice stands
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path, capsys):
@@ -877,7 +877,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path, c
                       "--warmup_iters", 1, "--grad_clip", 0, "--max_iters", 100, "--eval_interval", 50,
                       "--log_interval", 1)
     assert re.search(r"(loss|val loss) is (nan|inf)", err) and "keeps the last good state" in err
-    model, _ = train.load_model(tmp_path / "ckpt.pt")  # step 0's, still finite
+    model, _ = cli.load_model(tmp_path / "ckpt.pt")  # step 0's, still finite
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -897,7 +897,7 @@ def test_ddp_under_torchrun_on_cpu(prepared, tmp_path, capsys):
     assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"]) - 1.0
     assert "written by 2 processes" in cli_error(capsys, run_train, *args, "--resume")
     # every rank draws its own training windows: N ranks on one stream would train on the same batches N times
-    rng = train.load_checkpoint(tmp_path / "ckpt.pt")["rng"]
+    rng = cli.load_checkpoint(tmp_path / "ckpt.pt")["rng"]
     assert len(rng) == 2 and rng[0]["numpy"] != rng[1]["numpy"]
 
 
@@ -910,7 +910,7 @@ def test_the_toeplitz_mixer_trains_resumes_exactly_and_samples(prepared, tmp_pat
     assert losses(read_log(tmp_path / "resumed")) == losses(read_log(tmp_path / "straight"))
     log = read_log(tmp_path / "straight")
     assert float(log[-1]["val_loss"]) < float(log[0]["val_loss"]) - 1.0
-    model, _ = train.load_model(tmp_path / "straight" / "ckpt.pt")
+    model, _ = cli.load_model(tmp_path / "straight" / "ckpt.pt")
     mixing = [p for m in model.modules() if isinstance(m, MaskedMixing) for p in m.parameters()]
     assert model.config.mixing == "toeplitz" and max(p.numel() for p in mixing) == 64  # T weights, not T^2
     capsys.readouterr()
@@ -926,87 +926,6 @@ def test_sample_generates_from_a_checkpoint(prepared, tmp_path, capsys):
     stories = capsys.readouterr().out.split("-" * 40 + "\n")[:2]
     assert len(stories) == 2 and stories[0] == stories[1]  # greedy
     assert stories[0].startswith("Once upon a time") and len(stories[0]) > len("Once upon a time") + 20
-
-
-# ---------------------------------------------------------------------------------------- bench.py
-
-import bench  # noqa: E402
-
-
-def test_bench_smoke(capsys):
-    bench.main(["--arch", "all", "--steps", "1", "--warmup", "1", "--n_embd", "32", "--n_layer", "1",
-                "--block_size", "16", "--batch_size", "2", "--vocab_size", "256", "--gen_lengths", "16",
-                "--sweep_block_size", "8,16"])
-    out = capsys.readouterr().out
-    train_rows = re.findall(r"^\| (mixer|toeplitz|transformer|hybrid) \| \d+ \| 1 \| (\d+) \| [\d.]+M \([\d.]+M\) \| "
-                            r"[\d,]+ \|", out, re.M)
-    assert len(train_rows) == 4 + 4 + 8  # equal size, equal params, sweep of two lengths
-    gen_rows = re.findall(r"^\| (\w+) \| 16 \| [\d,]+ \| [\d,]+ \| [\d.]+x \| (True|False) \|$", out, re.M)
-    assert [same for _, same in gen_rows] == ["True"] * 4
-
-
-def test_bench_modes_interleave_and_report_speed_ups(capsys):
-    bench.main(["--arch", "all", "--modes", "float32,bfloat16", "--repeats", "2", "--steps", "1", "--warmup", "1",
-                "--n_embd", "32", "--n_layer", "1", "--block_size", "16", "--batch_size", "2", "--vocab_size", "256"])
-    out = capsys.readouterr().out
-    rows = re.findall(r"^\| (\w+) \| (float32|bfloat16) \| [\d,]+ \([\d,]+-[\d,]+\) \| ([\d.]+) \(([\d.]+)-([\d.]+)\)x \| [\d.]+ \|$",
-                      out, re.M)
-    assert [(arch, mode) for arch, mode, *_ in rows] == [(a, m) for a in bench.VARIANTS for m in ("float32", "bfloat16")]
-    assert all(r[2:] == ("1.00", "1.00", "1.00") for r in rows if r[1] == "float32")  # the reference mode
-    assert out.count("round ") == 2
-
-
-def test_memory_json_rows_and_what_they_count(capsys):
-    bench.main(["--memory", "--arch", "all", "--n_embd", "32", "--n_layer", "1", "--vocab_size", "256",
-                "--sweep_block_size", "32,128", "--json"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(r["arch"], r["attn_impl"], r["block_size"]) for r in rows] == [
-        (arch, impl, T) for T in (32, 128) for arch, impl in
-        [("mixer", None), ("toeplitz", None), ("transformer", "sdpa"), ("transformer", "eager"), ("hybrid", "sdpa"),
-         ("hybrid", "eager")]]
-    for r in rows:
-        model = Model(Config(**bench.VARIANTS[r["arch"]], vocab_size=256, block_size=r["block_size"], n_layer=1,
-                             n_embd=32))
-        assert r["param_mb"] == pytest.approx(model.num_params() * 4 / 2**20)
-        assert r["grad_mb"] == r["param_mb"] and r["optimizer_mb"] == 2 * r["param_mb"]
-        assert r["activation_mb"] > 0 and r["cuda_peak_mb"] is None
-
-
-def test_bench_toeplitz_times_dense_and_fft_in_rounds(capsys):
-    bench.main(["--toeplitz", "--sweep_block_size", "16,32", "--n_embd", "8", "--batch_size", "2", "--repeats", "2",
-                "--steps", "1", "--warmup", "1"])
-    rows = re.findall(r"^\| (\d+) \| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+ \([\d.]+-[\d.]+\)x \|$",
-                      capsys.readouterr().out, re.M)
-    assert rows == ["16", "32"]
-
-
-def activation_mb(arch, T, **kw):
-    config = Config(arch=arch, vocab_size=256, block_size=T, n_layer=2, n_embd=32, **kw)
-    args = argparse.Namespace(batch_size=1, dtype="float32")
-    return bench.training_memory(config, args, torch.device("cpu"))["activation_mb"]
-
-
-def test_memory_measurement_frees_the_model_and_its_graph():
-    import gc
-    import weakref
-    weights = []  # a leaked graph keeps the parameters alive (and every activation with them)
-    original = bench.Model
-    bench.Model = lambda config: weights.append(weakref.ref((m := original(config)).lm_head.weight)) or m  # noqa: E731
-    try:
-        activation_mb("transformer", 64, attn_impl="eager")
-    finally:
-        bench.Model = original
-    gc.collect()
-    assert len(weights) == 1 and weights[0]() is None, "the measured model's weights are still alive: a leak"
-
-
-def test_mixer_activations_grow_linearly_with_context():
-    """The masked mixing must not keep [T, T]-sized copies for backward: 4x the context, at most about
-    4x the activations. The eager transformer keeps its [T, T] attention and grows faster."""
-    assert activation_mb("mixer", 512) < 4.2 * activation_mb("mixer", 128)
-    assert activation_mb("mixer", 512, mixing="toeplitz") < 4.2 * activation_mb("mixer", 128, mixing="toeplitz")
-    assert activation_mb("mixer", 512, mixing="toeplitz") <= activation_mb("mixer", 512)
-    assert activation_mb("transformer", 512, attn_impl="eager") > 6 * activation_mb("transformer", 128, attn_impl="eager")
 
 
 # -------------------------------------------------------------------------------------- retrieve.py
@@ -1182,98 +1101,6 @@ def test_infonce_fine_tuning_learns_a_synthetic_task(tiny_ckpt, tmp_path, capsys
     assert after > 0.5 and after > before + 0.2, f"top-1 among 16 (chance 0.06): {before:.2f} -> {after:.2f}"
 
 
-@pytest.fixture(scope="module")
-def four_language_models(prepared, tmp_path_factory):
-    """Two archs, two seeds each: what retrieve.py compare takes from a language-model comparison."""
-    out = tmp_path_factory.mktemp("lms")
-    for arch in ("mixer", "transformer"):
-        for seed in (1338, 1339):
-            run_train("--data_dir", prepared, "--out_dir", out / f"{arch}-seed{seed}", *TINY_RUN, "--arch", arch,
-                      "--seed", seed, "--max_iters", 30, "--eval_interval", 30)
-    return sorted(out.glob("*/ckpt.pt"))
-
-
-def test_retrieval_compare_chooses_on_validation_and_reports_held_out(four_language_models, tmp_path, monkeypatch,
-                                                                      capsys):
-    """A fake of each trained retrieval model: lr 1e-3 wins on validation and loses on the held-out
-    pairs; the comparison must pick 1e-3 and report the confirmation runs (fine-tuning seed 1)."""
-    def fake_run(method, path, lr, seed, data, args, device):
-        mixer = "mixer" in str(path)
-        held = {None: 0.1, 1e-3: 0.5, 1e-2: 0.9}[lr] + (0.05 if mixer else 0.0) + 0.01 * ("1339" in str(path))
-        val = {None: 0.1, 1e-3: 0.8, 1e-2: 0.4}[lr]
-        counts = [32] if method == "mixer" else [32, 64]
-        return {split: {str(n): {"top1": value, "top5": 1.0, "mrr": value} for n in counts}
-                for split, value in (("val", val), ("held_out", held))}
-
-    monkeypatch.setattr(retrieve, "retrieval_run", fake_run)
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(120, seed=0))
-    held_out = write_jsonl(tmp_path / "held.jsonl", synthetic_pairs(64, seed=1))
-    argv = ["compare", "--ckpt", *four_language_models, "--pairs", pairs, "--held_out", held_out, "--val_pairs", 40,
-            "--lrs", 1e-3, 1e-2, "--v1_lrs", 1e-3, 1e-2, "--out_dir", tmp_path / "out"]
-    run_retrieve(*argv)
-    table = (tmp_path / "out" / "results.md").read_text()
-    assert "| mixer | 80.0 | 40.0 | 0.001 (edge) |" in table  # the grid: validation top-1, best by it
-    assert "| mixer | 0.001 | 55.5 (55.0-56.0) | 55.5 (55.0-56.0) |" in table  # held-out, both LM seeds
-    assert "| transformer | 0.001 | 50.5 (50.0-51.0) | 50.5 (50.0-51.0) |" in table
-    assert "mixer > transformer by 5.0 points: every seed of mixer ends above every seed of transformer." in table
-    runs = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    confirmed = [r for r in runs if r["method"] == "infonce" and r["seed"] == 1]
-    assert sorted((r["variant"], r["lm_seed"], r["lr"]) for r in confirmed) == [
-        ("mixer", 1338, 1e-3), ("mixer", 1339, 1e-3), ("transformer", 1338, 1e-3), ("transformer", 1339, 1e-3)]
-    assert {r["lm_seed"] for r in runs if r["seed"] == 0} == {1338}  # the grid on each arch's first LM only
-    assert len(runs) == 4 + 2 * (4 + 4) and (tmp_path / "out" / "results.png").exists()  # raw; grid + confirmed, twice
-    capsys.readouterr()
-    run_retrieve(*argv)  # everything is read back
-    assert ": training" not in capsys.readouterr().out
-
-
-def test_retrieval_compare_never_trains_on_its_validation_pairs(four_language_models, tmp_path, monkeypatch):
-    """The pairs that choose the learning rate are never trained on, by InfoNCE or by the v1 mixer."""
-    seen, trained, v1_rows = {}, set(), []
-    carve, tune, fit_v1 = retrieve.retrieval_data, retrieve.fine_tune, retrieve.train_retrieval_mixer
-
-    def spy_data(*a, **kw):
-        seen.update(carve(*a, **kw))
-        return seen
-
-    def spy_tune(model, summaries, stories, *a, **kw):
-        trained.update((tuple(q), tuple(s)) for q, s in zip(summaries, stories))
-        return tune(model, summaries, stories, *a, **kw)
-
-    def spy_v1(summaries, stories, recipe):
-        v1_rows.append(len(summaries))
-        return fit_v1(summaries, stories, recipe)
-
-    monkeypatch.setattr(retrieve, "retrieval_data", spy_data)
-    monkeypatch.setattr(retrieve, "fine_tune", spy_tune)
-    monkeypatch.setattr(retrieve, "train_retrieval_mixer", spy_v1)
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(120, seed=0))
-    held_out = write_jsonl(tmp_path / "held.jsonl", synthetic_pairs(64, seed=1))
-    run_retrieve("compare", "--ckpt", *four_language_models[:2], "--pairs", pairs, "--held_out", held_out,
-                 "--val_pairs", 40, "--lrs", 1e-3, "--steps", 2, "--group", 8, "--v1_lrs", 1e-3, "--v1_steps", 2,
-                 "--candidates", 8, "--out_dir", tmp_path / "out")
-    as_pairs = lambda texts: {(tuple(q), tuple(s)) for q, s in zip(*texts)}  # noqa: E731
-    fit, val = as_pairs(seen["fit"]), as_pairs(seen["val"])
-    assert len(fit) + len(val) == 120 and not fit & val
-    assert trained == fit  # InfoNCE fine-tuned on every fitting pair and on nothing else
-    assert v1_rows and all(n == len(fit) for n in v1_rows)  # the v1 mixer: the fitting pairs' embeddings
-
-
-def test_retrieval_compare_end_to_end(four_language_models, tmp_path, capsys):
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(120, seed=0))
-    held_out = write_jsonl(tmp_path / "held.jsonl", synthetic_pairs(64, seed=1))
-    run_retrieve("compare", "--ckpt", *four_language_models, "--pairs", pairs, "--held_out", held_out, "--val_pairs", 40,
-                 "--lrs", 1e-3, 3e-3, "--steps", 5, "--group", 8, "--v1_lrs", 1e-3, "--v1_steps", 5, "--candidates", 8,
-                 "--out_dir", tmp_path)
-    table = (tmp_path / "results.md").read_text()
-    assert re.search(r"^\| BM25 \(no model\) \| [\d.]+ \| [\d.]+ \|$", table, re.M)  # N = 32, 64
-    for arch in ("mixer", "transformer"):
-        assert re.search(rf"^\| {arch}, raw \| [\d.]+ \([\d.]+-[\d.]+\) \| ", table, re.M)
-        assert re.search(rf"^\| {arch} \| 0.00[13] \| [\d.]+ \([\d.]+-[\d.]+\) \| [\d.]+ \([\d.]+-[\d.]+\) \|$",
-                         table, re.M)
-    assert "Verdict at N = 32:" in table and "Verdict at N = 8:" in table  # InfoNCE; v1 among its 8 candidates
-
-
 def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, capsys):
     pairs = [{"summary": s.split(".")[0] + ".", "story": s} for s in sample_stories[:40]]
     pairs_file = write_jsonl(tmp_path / "pairs.jsonl", pairs)
@@ -1299,215 +1126,7 @@ def test_embed_index_search_end_to_end(tiny_ckpt, sample_stories, tmp_path, caps
     assert pairs[7]["story"] in capsys.readouterr().out
 
 
-# -------------------------------------------------------------------------------------- represent.py
-
-import represent  # noqa: E402
-
-
-def test_hamming_by_hand():
-    tokens = torch.tensor([[0, 1, 2]])
-    logits = torch.zeros(1, 3, 8)
-    logits[0, 0, 0] = 9.0  # position 0: the true token ranks first
-    logits[0, 1] = torch.tensor([7.0, 1.0, 6.0, 5.0, 4.0, 3.0, 2.0, 8.0])  # position 1: token 1 ranks 7th
-    logits[0, 2] = torch.tensor([5.0, 6.0, 4.0, 7.0, 8.0, 1.0, 0.0, 0.5])  # position 2: token 2 ranks 5th
-    assert represent.hamming(logits, tokens) == pytest.approx(1 / 3)
-    assert represent.hamming(logits, tokens, k=1) == pytest.approx(2 / 3)
-
-
-def test_decoding_uses_the_pseudo_inverse_of_the_embedding():
-    """A non-orthogonal embedding where the two decodings differ: token 0 is e1, tokens 1..7 are 2 e1
-    plus a little of their own direction. Exact embeddings decode exactly through pinv(W) (W has full
-    row rank), while the nearest embedding by dot product would rank token 0 last for its own vector."""
-    embedding = torch.zeros(8, 10)
-    embedding[:, 0] = torch.tensor([1.0] + [2.0] * 7)
-    embedding[1:, 1:8] = 0.3 * torch.eye(7)
-    tokens = torch.arange(8).repeat(3).view(3, 8)
-    exact = embedding[tokens]  # [3, 8, 10]
-    assert represent.hamming(represent.decode(exact, embedding), tokens, k=1) == 0.0
-    assert represent.hamming(exact @ embedding.T, tokens) > 0.1  # the transpose misses token 0 even in the top 5
-
-
-class Constant(torch.nn.Module):
-    """A block whose output ignores its input."""
-
-    def forward(self, x):
-        return torch.ones_like(x) + 0.0 * x
-
-
-@pytest.mark.parametrize("blocks, expect", [("identity", "exact"), ("untrained", "exact"), ("constant", "nothing")])
-def test_recovery_of_the_input(blocks, expect):
-    model = tiny_model("mixer", perturb=False, vocab_size=256, block_size=16, n_embd=32)
-    if blocks == "identity":
-        model.blocks = torch.nn.ModuleList([torch.nn.Identity()])
-    if blocks == "constant":
-        model.blocks = torch.nn.ModuleList([Constant()])
-    model.requires_grad_(False)
-    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    unit = model.wte.weight.std().item()
-    a, final, reference = represent.recover(model, tokens, layer=len(model.blocks), steps=300, seed=0, unit=unit)
-    metric = represent.hamming(represent.decode(a, model.wte.weight), tokens)
-    if expect == "exact":
-        assert metric == 0.0 and final < reference, f"{blocks}: Hamming {metric}, L1 {final} vs nudge {reference}"
-    else:  # nothing to follow: a stays noise, and 5 of 256 tokens are a chance hit
-        assert metric > 0.9
-
-
-def test_represent_command_line(capsys):
-    represent.main(["--init", "mixer", "transformer", "--n_layer", "2", "--n_embd", "32", "--block_size", "8",
-                    "--vocab_size", "256", "--n", "2", "--steps", "20", "--json"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(r["model"], r["arch"], r["steps"]) for r in rows] == [("untrained mixer", "mixer", 20),
-                                                                 ("untrained transformer", "transformer", 20)]
-    # the command reports what the method computes: the same models, inputs and descent, by hand
-    for r in rows:
-        torch.manual_seed(0)
-        model = Model(Config(arch=r["arch"], vocab_size=256, block_size=8, n_layer=2, n_embd=32)).eval()
-        model.requires_grad_(False)
-        tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
-        a, final, _ = represent.recover(model, tokens, 2, 20, 0, unit=model.wte.weight.std().item())
-        assert r["hamming"] == represent.hamming(represent.decode(a, model.wte.weight), tokens)
-        assert r["l1"] == pytest.approx(final)
-    assert rows[0]["hamming"] == 0.0  # an untrained mixer (W = I) gives its input back exactly
-
-
-# ---------------------------------------------------------------------------------------- mixing.py
-
-import mixing  # noqa: E402
-
-
-def test_mixing_statistics_by_hand():
-    T = 8
-    identity = torch.eye(T, dtype=torch.double)
-    assert mixing.statistics(identity) == {"diagonal_mass": 1.0, "look_back": 0.0, "toeplitz": 1.0, "effective_rank": T}
-    uniform = torch.ones(T, T, dtype=torch.double).tril()  # row i averages positions 0..i: look-back i / 2
-    stats = mixing.statistics(uniform)
-    assert stats["diagonal_mass"] == pytest.approx(T / (T * (T + 1) / 2))
-    assert stats["look_back"] == pytest.approx(sum(i / 2 for i in range(T)) / T)
-    assert stats["toeplitz"] == 1.0
-    kernel = torch.tensor([1.0, -0.5, 0.3, 0.8, -0.2, 0.1, 0.05, 0.4], dtype=torch.double)
-    toeplitz = kernel[(torch.arange(T).unsqueeze(1) - torch.arange(T)).clamp(min=0)].tril()  # W[i, j] = kernel[i - j]
-    assert mixing.toeplitz_score(toeplitz) == pytest.approx(1.0)
-    assert mixing.kernel_profile(toeplitz).tolist() == pytest.approx(kernel.tolist())
-    random = torch.randn(T, T, dtype=torch.double, generator=torch.Generator().manual_seed(0))
-    assert mixing.toeplitz_score(random) < 0.5
-    low_rank = torch.zeros(T, T, dtype=torch.double)
-    low_rank[:, 0] = 1.0  # every position copies position 0: rank 1
-    assert mixing.effective_rank(low_rank) == 1 and mixing.look_back(low_rank) == pytest.approx(sum(range(T)) / T)
-
-
-def test_shown_mixing_matrix_is_the_one_the_forward_pass_applies():
-    model = tiny_model("mixer", n_layer=1)
-    block = model.blocks[0]
-    x = torch.randn(2, 16, 32)
-    (_, _, shown), = mixing.mixing_matrices(model)
-    with torch.no_grad():
-        applied = block.mix(x) - block.mix.bias[0]  # the flat mixer: y = tril(W) x + b
-        assert torch.allclose(applied, shown @ x, atol=1e-5)
-        block.mix.weight[0, 2, 9] += 5.0  # above the diagonal: masked
-    assert torch.equal(mixing.mixing_matrices(model)[0][2], shown)
-    with torch.no_grad():
-        block.mix.weight[0, 9, 2] += 5.0  # below: applied, and shown
-    assert mixing.mixing_matrices(model)[0][2][9, 2] == shown[9, 2] + 5.0
-
-
-def test_a_toeplitz_mixers_matrix_is_its_kernel_at_every_offset():
-    model = tiny_model("toeplitz", n_layer=1)
-    (_, _, shown), = mixing.mixing_matrices(model)
-    kernel = model.blocks[0].mix.kernel[0].detach()
-    assert mixing.toeplitz_score(shown.double()) == pytest.approx(1.0)  # by construction
-    assert mixing.kernel_profile(shown).tolist() == pytest.approx(kernel.tolist())
-    x = torch.randn(2, 16, 32)
-    with torch.no_grad():
-        assert torch.allclose(model.blocks[0].mix(x) - model.blocks[0].mix.bias[0], shown @ x, atol=1e-5)
-
-
-@pytest.mark.parametrize("arch", ["transformer", "hybrid"])
-def test_averaged_attention_rows_sum_to_one_and_are_causal(arch):
-    model = tiny_model(arch)
-    maps = mixing.averaged_attention(model, torch.randint(0, 256, (3, 16)))
-    assert [(layer, head) for layer, head, _ in maps] == [(l, h) for l in (1, 2) for h in range(4)]
-    for _, _, probs in maps:
-        assert torch.allclose(probs.sum(-1), torch.ones(16), atol=1e-5)
-        assert torch.count_nonzero(probs.triu(1)) == 0
-        assert not torch.allclose(probs, probs.tril().bool().float() / probs.tril().bool().sum(-1, keepdim=True))
-
-
-def test_mixing_command_line(prepared, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    mixing.main(["--init", "mixer", "hybrid", "--n_layer", "2", "--n_embd", "32", "--block_size", "16",
-                 "--data_dir", str(prepared), "--n", "4", "--json", "--out", str(tmp_path / "m.png")])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(r["model"], r["kind"], r["layer"]) for r in rows if r["head"] == 0] == [
-        ("untrained mixer", "mixing", 1), ("untrained mixer", "mixing", 2), ("untrained hybrid", "mixing", 1),
-        ("untrained hybrid", "mixing", 2), ("untrained hybrid", "attention", 1), ("untrained hybrid", "attention", 2)]
-    for r in rows:
-        if r["kind"] == "mixing":  # the identity init
-            assert (r["diagonal_mass"], r["look_back"], r["effective_rank"]) == (1.0, 0.0, 16)
-    for name in ("m.png", "m_profile.png", "m_attention.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# ---------------------------------------------------------------------------------------- recall.py
-
-import recall  # noqa: E402
-
-
-def test_mqar_pairs_queries_and_targets():
-    inputs, targets = recall.mqar(200, 32, 4, 64, power_a=0.01, seed=0)
-    assert inputs.shape == targets.shape == (200, 32) and 0 <= inputs.min() and inputs.max() < 64
-    for x, y in zip(inputs.tolist(), targets.tolist()):
-        keys, values = x[0:8:2], x[1:8:2]
-        assert len(set(keys)) == 4 and len(set(values)) == 4
-        assert max(keys) < 32 <= min(values)  # disjoint halves of the vocabulary
-        asked = [t for t, target in enumerate(y) if target != -1]
-        assert len(asked) == 4 and all(t >= 8 for t in asked)  # every key asked once, after the pairs
-        for t in asked:  # the query key's value: the next input token and the only scored target
-            assert y[t] == values[keys.index(x[t])] == x[t + 1]
-    again, _ = recall.mqar(200, 32, 4, 64, power_a=0.01, seed=0)
-    other, _ = recall.mqar(200, 32, 4, 64, power_a=0.01, seed=1)
-    assert torch.equal(again, inputs) and not torch.equal(other, inputs)
-
-
-def test_recall_chooses_each_lr_on_validation_and_reports_test(tmp_path):
-    run = dict(arch="mixer", seq_len=64, pairs=4, width=64, curve=[(0, 0.0), (10, 0.5)], seconds=1.0, params=1000)
-    runs = [{**run, "lr": 1e-3, "val": 0.9, "test": 0.5}, {**run, "lr": 3e-3, "val": 0.6, "test": 0.95}]
-    best = recall.best_of_lrs(runs)
-    assert best[("mixer", 64, 4, 64)]["lr"] == 1e-3  # the validation winner, not the test winner
-    args = argparse.Namespace(steps=10, lrs=[1e-3, 3e-3], vocab_size=128, n_layer=2, batch_size=64, n_train=100,
-                              n_test=50, power_a=0.01, device="cpu", out_dir=str(tmp_path))
-    recall.write_table(best, args, "python recall.py")
-    assert "| mixer | 64 | 4 | 64 | 0.001 (edge) | **0.500** | 0.900 |" in (tmp_path / "results.md").read_text()
-
-
-def test_recall_accuracy_by_hand():
-    targets = torch.tensor([[-1, 5, -1, 7], [-1, -1, 6, -1]])
-    logits = torch.zeros(2, 4, 8)
-    logits[0, 1, 5] = logits[0, 3, 2] = logits[1, 2, 6] = 1.0  # right, wrong, right
-    logits[0, 0, 3] = logits[1, 0, 4] = 9.0  # unscored positions: whatever they predict does not count
-    assert recall.recall_accuracy(logits, targets) == pytest.approx(2 / 3)
-
-
-def test_a_transformer_learns_a_tiny_recall_task(tmp_path, capsys):
-    argv = ["--archs", "transformer", "--settings", "16:2", "--widths", "64", "--lrs", "3e-3", "--steps", "300",
-            "--vocab_size", "64", "--n_train", "4000", "--n_test", "300", "--eval_interval", "100",
-            "--out_dir", str(tmp_path)]
-    recall.main(argv)
-    (result,) = recall.read_done(tmp_path / "results.jsonl")
-    assert result["test"] > 0.9 and [step for step, _ in result["curve"]] == [0, 100, 200, 300]
-    assert result["curve"][0][1] < 0.2  # it learned it: chance is 1/32
-    # the table's row names the arch, setting, width and lr, and shows the test accuracy (bf16 rounds
-    # differently on AMX and AVX512-BF16 CPUs: the property, not one machine's digits)
-    (row,) = re.findall(r"^\| transformer \| 16 \| 2 \| 64 \| 0.003 \| \*\*([\d.]+)\*\* \|", (tmp_path / "results.md").read_text(), re.M)
-    assert float(row) == pytest.approx(result["test"], abs=5e-4) and float(row) > 0.9
-    capsys.readouterr()
-    recall.main(argv)  # again: the finished run is read back, not retrained
-    assert "lr 0.003: done already: val" in capsys.readouterr().out
-
-
 # ------------------------------------------------------------------ every entry point: bad inputs
-
-import compare  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
@@ -1549,9 +1168,7 @@ def run_main(module):
 
 
 ENTRY_POINTS = {name: run_main(module) for name, module in
-                {"data_prep": data_prep, "train": train, "sample": sample, "retrieve": retrieve,
-                 "represent": represent, "compare": compare, "bench": bench, "mixing": mixing,
-                 "recall": recall}.items()}
+                {"data_prep": data_prep, "train": train, "sample": sample, "retrieve": retrieve}.items()}
 PREP = ("--out_dir", "{ws}/prep_out")
 TRAIN = ("--data_dir", "{ws}/data", "--out_dir", "{ws}/new_run")
 CKPT = "{ws}/run/ckpt.pt"
@@ -1574,12 +1191,15 @@ BAD_INPUTS = [
     ("train", [*TRAIN, "--lr", "fast"], "not a number"),
     ("train", [*TRAIN, "--n_layer", "0"], "n_layer must be at least 1"),
     ("train", [*TRAIN, "--block_size", "-5"], "block_size must be at least 1"),
-    ("train", [*TRAIN, "--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
+    ("train", [*TRAIN, "--arch", "transformer", "--n_embd", "30", "--n_head", "4"], "not divisible by n_head"),
+    ("train", [*TRAIN, "--arch", "transformer", "--mixing", "toeplitz"], "--mixing has no effect on --arch transformer"),
+    ("train", [*TRAIN, "--arch", "transformer", "--mixer_heads", "2"], "--mixer_heads has no effect on --arch transformer"),
+    ("train", [*TRAIN, "--n_head", "2"], "--n_head has no effect on --arch mixer"),
     ("train", [*TRAIN, "--dropout", "1.5"], "dropout must be in [0, 1)"),
-    ("train", [*TRAIN, "--mixing", "circulant"], "unknown mixing 'circulant': choose full or toeplitz"),
+    ("train", [*TRAIN, "--mixing", "circulant"], "invalid choice: 'circulant' (choose from 'full', 'toeplitz')"),
     ("train", [*TRAIN, "--compile", "maybe"], "'maybe' is not true or false"),
     ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--clock", "cpu"],
-     "counted its training time with --clock wall"),
+     "trained with --clock wall, not --clock cpu"),
     ("train", [*TRAIN, "--max_iters", "0"], "not a positive integer"),
     ("train", [*TRAIN, "--eval_iters", "0"], "not a positive integer"),
     ("train", [*TRAIN, "--grad_accum", "0"], "not a positive integer"),
@@ -1596,9 +1216,9 @@ BAD_INPUTS = [
     ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/new_run", "--resume"], "no checkpoint at"),
     ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/broken", "--resume"], "not a readable checkpoint"),
     ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--block_size", "64"],
-     "block_size=32 but --block_size 64"),
+     "trained with --block_size 32, not --block_size 64"),
     ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--arch", "hybrid"],
-     "arch=mixer but --arch hybrid"),
+     "trained with --arch mixer, not --arch hybrid"),
     ("train", ["--data_dir", "{ws}/data1024", "--out_dir", "{ws}/run", "--resume"], "4096-token vocabulary"),
     ("train", ["--data_dir", "{ws}/data", "--out_dir", "{ws}/run", "--resume", "--layout", "stories"],
      "trained with --layout packed"),
@@ -1628,52 +1248,8 @@ BAD_INPUTS = [
      "not a readable .npz"),
     ("retrieve", ["search", "--ckpt", "{ws}/tuned.pt", "--index", "{ws}/index.npz", "--query", "a cat"],
      "checkpoint mismatch"),
-    ("retrieve", ["compare", "--ckpt", CKPT, "--pairs", "{ws}/pairs.jsonl", "--held_out", "{ws}/pairs.jsonl",
-                  "--val_pairs", "30", "--out_dir", "{ws}/rc"], "too few to hold out --val_pairs 30"),
-    ("retrieve", ["compare", "--ckpt", CKPT, "{ws}/r16.pt", "--pairs", "{ws}/pairs.jsonl", "--held_out",
-                  "{ws}/pairs.jsonl", "--out_dir", "{ws}/rc"], "not a checkpoint of the expected kind"),
     ("retrieve", ["search", "--ckpt", CKPT, "--index", "{ws}/index.npz", "--query", "a cat", "-k", "0"],
      "not a positive integer"),
-    ("represent", [], "nothing to measure"),
-    ("represent", ["--ckpt", "{ws}/missing.pt"], "checkpoint not found"),
-    ("represent", ["--ckpt", "{ws}/broken/ckpt.pt"], "not a readable checkpoint"),
-    ("represent", ["--ckpt", CKPT, "--layer", "5"], "--layer 5 is out of range"),
-    ("represent", ["--ckpt", CKPT, "--length", "1000"], "exceeds"),
-    ("represent", ["--init", "mixer", "--n_embd", "30", "--n_head", "4"], "not divisible"),
-    ("represent", ["--ckpt", CKPT, "--data_dir", "{ws}/nothing"], "run python data_prep.py"),
-    ("bench", ["--n_layer", "0"], "n_layer must be at least 1"),
-    ("bench", ["--memory", "--n_embd", "30", "--n_head", "4"], "not divisible"),
-    ("bench", ["--memory", "--sweep_block_size", "512,x"], "comma-separated integers"),
-    ("bench", ["--device", "cuda"], "no CUDA GPU"),
-    ("compare", ["--resume"], "set by compare.py"),
-    ("compare", ["--minutes", "0"], "not a number > 0"),
-    ("compare", ["--lr", "-1"], "not a number > 0"),
-    ("compare", ["--out_dir", "{ws}/afile"], "is a file, not a folder"),
-    ("compare", ["--data_dir", "{ws}/nothing", "--out_dir", "{ws}/cmp"], "run python data_prep.py"),
-    ("compare", ["--sweep", "bogus=1,2", "--out_dir", "{ws}/cmp"], "bogus: not a train.py flag"),
-    ("compare", ["--sweep", "resume=1,2", "--out_dir", "{ws}/cmp"], "resume: not a train.py flag that takes a value"),
-    ("compare", ["--sweep", "lr=1e-3,,1e-2", "--out_dir", "{ws}/cmp"], "an empty value"),
-    ("compare", ["--sweep", "lr", "--out_dir", "{ws}/cmp"], "write FLAG=V1,V2"),
-    ("compare", ["--sweep", "lr=abc", "--out_dir", "{ws}/cmp"], "lr=abc: 'abc' is not a number"),
-    ("compare", ["--sweep", "n_layer=2,x", "--out_dir", "{ws}/cmp"], "n_layer=x"),
-    ("compare", ["--sweep", "layout=rows", "--out_dir", "{ws}/cmp"], "choose from packed, stories"),
-    ("compare", ["--sweep", "seed=1,2", "--out_dir", "{ws}/cmp"], "sets --seed itself"),
-    ("compare", ["--sweep", "lr=1e-3,3e-3", "--lr", "1e-3", "--out_dir", "{ws}/cmp"], "given twice"),
-    ("compare", ["--sweep", "lr=1e-3,1e-3", "--out_dir", "{ws}/cmp"], "listed twice"),
-    ("compare", ["--summary", "{ws}/data", "--out_dir", "{ws}/cmp"], "summary.json not found"),
-    ("recall", ["--settings", "16:5", "--out_dir", "{ws}/rc"], "5 pairs do not fit a sequence of 16"),
-    ("recall", ["--settings", "64:4", "--vocab_size", "6", "--out_dir", "{ws}/rc"], "too small for 4 pairs"),
-    ("recall", ["--settings", "64", "--out_dir", "{ws}/rc"], "not SEQ_LEN:PAIRS"),
-    ("recall", ["--widths", "33", "--out_dir", "{ws}/rc"], "width 33: n_embd=33 is not divisible by n_head=2"),
-    ("recall", ["--widths", "30", "--out_dir", "{ws}/rc"], "it must be even"),
-    ("recall", ["--steps", "0", "--out_dir", "{ws}/rc"], "not a positive integer"),
-    ("mixing", [], "nothing to show"),
-    ("mixing", ["--ckpt", "{ws}/missing.pt"], "checkpoint not found"),
-    ("mixing", ["--ckpt", CKPT, "--show", "attention"], "no attention to show"),
-    ("mixing", ["--init", "transformer", "--show", "mixing"], "no mixing to show"),
-    ("mixing", ["--init", "hybrid"], "give --data_dir"),
-    ("mixing", ["--init", "transformer", "--vocab_size", "300", "--data_dir", "{ws}/data", "--n", "2", "--length", "8"],
-     "knows 300"),
 ]
 
 
@@ -1683,17 +1259,22 @@ def snapshot(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("entry, argv, words", BAD_INPUTS, ids=[f"{e}:{' '.join(a)[:60]}" for e, a, _ in BAD_INPUTS])
-def test_bad_input_gets_one_clear_line_and_changes_nothing(entry, argv, words, workspace, capsys):
+def assert_one_clear_line(main, argv, words, workspace, capsys):
+    """main(*argv) ({ws}: the workspace) exits 2 with one error line holding words, and changes no file."""
     before = snapshot(workspace)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        ENTRY_POINTS[entry](*[a.format(ws=workspace) for a in argv])
+        main(*[a.format(ws=workspace) for a in argv])
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "error: " in last and words in last, err
     assert snapshot(workspace) == before, "a failed command changed or left files"
+
+
+@pytest.mark.parametrize("entry, argv, words", BAD_INPUTS, ids=[f"{e}:{' '.join(a)[:60]}" for e, a, _ in BAD_INPUTS])
+def test_bad_input_gets_one_clear_line_and_changes_nothing(entry, argv, words, workspace, capsys):
+    assert_one_clear_line(ENTRY_POINTS[entry], argv, words, workspace, capsys)
 
 
 def test_train_help_shows_every_default(capsys):
@@ -1703,12 +1284,12 @@ def test_train_help_shows_every_default(capsys):
     for flag, default in [("--batch_size", 16), ("--lr", 0.0005), ("--warmup_iters", 200), ("--max_iters", 5000),
                           ("--eval_interval", 250), ("--weight_decay", 0.1), ("--n_layer", 4), ("--block_size", 512)]:
         assert re.search(rf"{flag} \S+ .*?default:? {default}\b", help_text), flag
+    assert "--mixing {full,toeplitz}" in help_text and "--attn_impl {sdpa,eager}" in help_text  # every choice shown
 
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_lines_use_carriage_returns_only_on_a_terminal(tty):
     import io
-    import cli
 
     class Stream(io.StringIO):
         def isatty(self):
@@ -1737,12 +1318,14 @@ def test_cost_of_a_long_cpu_run_names_a_run_of_minutes(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     budget = train.Budget(max_iters=5000)
     # the issue's laptop: 15 s a step, a 5-minute eval
-    lines = train.cost_lines(budget, 250, 3, 45.0, 15.0, 300.0, 8192, torch.device("cpu"), "transformer")
+    lines = train.cost_lines(budget, 250, 3, 45.0, 15.0, 300.0, 8192, torch.device("cpu"))
     assert lines[0].startswith("cost: 15,000 ms/step, so 5,000 steps = 4,997 more steps (40.9M tokens) in 20h49m, "
                                "plus 20 evals of 5m00s: about 22h29m in all")
-    assert "--arch transformer" in lines[1] and "--max_minutes 10" in lines[1] and f"--lr {train.CPU_LR['transformer']:g}" in lines[1]
+    assert "the README's Quick start" in lines[1]  # points there instead of carrying a copy that drifts
+    quick_start = (HERE / "README.md").read_text().split("## Quick start")[1].split("\n## ")[0]
+    assert "on a laptop CPU" in quick_start and "python train.py --arch mixer" in quick_start
     budget.max_minutes = 5  # a time budget that ends first
-    lines = train.cost_lines(budget, 250, 3, 45.0, 0.1, 2.0, 8192, torch.device("cpu"), "mixer")
+    lines = train.cost_lines(budget, 250, 3, 45.0, 0.1, 2.0, 8192, torch.device("cpu"))
     assert lines == ["cost: 100 ms/step, so --max_minutes 5 = 2,550 more steps (20.9M tokens) in 4m15s, plus 11 evals "
                      "of 2s: about 4m37s in all"]
 
@@ -1751,7 +1334,7 @@ def test_eval_batches_hold_the_eval_tokens_and_stay_on_resume(prepared, tmp_path
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *[a for a in TINY_RUN if a not in ("--eval_iters", 5)],
               "--max_iters", 4, "--eval_interval", 2, "--eval_tokens", 5000)
     assert "evals of 5 batches per split" in capsys.readouterr().out  # 5000 / (16 x 64) = 4.9
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["train_args"]["eval_iters"] == 5
+    assert cli.load_checkpoint(tmp_path / "ckpt.pt")["train_args"]["eval_iters"] == 5
     run_train("--data_dir", prepared, "--out_dir", tmp_path, "--max_iters", 6, "--resume")
     assert "evals of 5 batches per split" in capsys.readouterr().out
 
@@ -1772,9 +1355,9 @@ def test_ctrl_c_during_a_long_eval_saves_and_exits_within_seconds(prepared, tmp_
     rest = proc.communicate(timeout=60)[0]
     assert time.time() - started < 15 and proc.returncode == 0, rest
     assert "interrupted at step 0: saved" in rest
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 0
+    assert cli.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 0
     run_train("--data_dir", prepared, "--out_dir", tmp_path, "--resume", "--max_iters", 3, "--eval_iters", 1)
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    assert cli.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
 
 
 SLOW_SAVE = """import sys, time, train
@@ -1804,7 +1387,7 @@ def test_a_second_ctrl_c_exits_at_once_and_leaves_the_last_checkpoint(prepared, 
     assert time.time() - started < 10 and proc.returncode == 130, rest
     assert "second Ctrl-C" in rest
     assert (tmp_path / "ckpt.pt").read_bytes() == before
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
+    assert cli.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 5
 
 
 def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes(prepared, tmp_path):
@@ -1832,170 +1415,13 @@ def test_sigkill_at_any_moment_leaves_a_checkpoint_that_resumes(prepared, tmp_pa
         proc.kill()
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-        state = train.load_checkpoint(ckpt)  # never half-written
-        train.model_from_checkpoint(state, ckpt)
+        state = cli.load_checkpoint(ckpt)  # never half-written
+        cli.model_from_checkpoint(state, ckpt)
         steps_seen.append(state["step"])
     finish = subprocess.run(argv + ["--resume"], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr[-2000:]
-    assert train.load_checkpoint(ckpt)["step"] == 300 and int(read_log(tmp_path)[-1]["step"]) == 300
+    assert cli.load_checkpoint(ckpt)["step"] == 300 and int(read_log(tmp_path)[-1]["step"]) == 300
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > 0  # every resume made progress
-
-
-# ---------------------------------------------------------------------------------------- compare.py
-
-def test_compare_trains_each_arch_then_writes_the_table_and_curves(prepared, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as without the optional extra
-    tiny = ["--data_dir", prepared, "--compile", "false", "--n_layer", 1, "--n_embd", 32, "--block_size", 32, "--batch_size", 4,
-            "--eval_interval", 5, "--eval_iters", 2, "--warmup_iters", 2, "--out_dir", tmp_path]
-    # one run already half done (as if interrupted): compare must continue it, not start over
-    run_train(*tiny[:-2], "--arch", "transformer", "--seed", 1338, "--out_dir", tmp_path / "transformer-seed1338",
-              "--max_iters", 10**9, "--max_minutes", 0.005)
-    half_done = train.load_checkpoint(tmp_path / "transformer-seed1338" / "ckpt.pt")["step"]
-    capsys.readouterr()
-    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.015]])
-    out = capsys.readouterr().out
-    assert re.findall(r"^\[\d/4\] (\w+) seed (\d+): (\w+)", out, re.M) == [
-        ("mixer", "1337", "training"), ("transformer", "1337", "training"),
-        ("mixer", "1338", "training"), ("transformer", "1338", "continuing")]
-    assert "pip install matplotlib" in out and not (tmp_path / "curves.png").exists()
-    table = (tmp_path / "results.md").read_text()
-    rows = re.findall(r"^\| (mixer|transformer) \| [\d.]+M \| [\d,]+ \([\d,]+-[\d,]+\) \|.* \| ([\d.]+) \(([\d.]+)-([\d.]+)\) \|$",
-                      table, re.M)
-    assert [r[0] for r in rows] == ["mixer", "transformer"]
-    for arch, mean, low, high in rows:
-        finals = [float(read_log(tmp_path / f"{arch}-seed{s}")[-1]["val_loss"]) for s in (1337, 1338)]
-        assert float(mean) == pytest.approx(np.mean(finals), abs=1e-3)
-        assert (low, high) == (f"{min(finals):.3f}", f"{max(finals):.3f}")
-    assert re.search(r"(by [\d.]+: every seed of|within the spread between seeds: no ranking)", table)
-    for arch, seed in [("mixer", 1337), ("transformer", 1337), ("mixer", 1338), ("transformer", 1338)]:
-        state = train.load_checkpoint(tmp_path / f"{arch}-seed{seed}" / "ckpt.pt")
-        assert state["elapsed"] >= 0.015 * 60 and state["train_args"]["seed"] == seed
-    assert train.load_checkpoint(tmp_path / "transformer-seed1338" / "ckpt.pt")["step"] > half_done
-    with open(tmp_path / "curves.csv") as f:
-        curves = list(csv.DictReader(f))
-    assert {(r["arch"], r["seed"]) for r in curves} == {(a, str(s)) for a in ("mixer", "transformer") for s in (1337, 1338)}
-    # the same command again: nothing is retrained
-    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
-    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.015]])
-    assert "done already" in capsys.readouterr().out
-    assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
-
-
-def fake_training(final_val, trained, tokens=None):
-    """A stand-in for train.train that writes what compare.py reads: log.csv and a checkpoint whose
-    final val loss is final_val[(arch, lr, seed)], after tokens[arch] tokens (default 1000)."""
-    def fake(args):
-        trained.append((args.arch, args.lr, args.seed))
-        out = Path(args.out_dir)
-        out.mkdir(parents=True)
-        val, seen = final_val[args.arch, args.lr, args.seed], (tokens or {}).get(args.arch, 1000)
-        (out / "log.csv").write_text("step,tokens,train_loss,val_loss,elapsed_s\n0,0,9.0,9.0,0.0\n"
-                                     f"10,{seen},{val - 0.1},{val},{args.max_minutes * 60}\n")
-        torch.save({"model": {"w": torch.zeros(3)}, "config": {"n_embd": 8, "n_layer": 1, "block_size": args.block_size,
-                    "vocab_size": 64}, "data_meta": {}, "train_args": {"layout": "packed", "max_iters": args.max_iters},
-                    "elapsed": args.max_minutes * 60, "step": 10}, out / "ckpt.pt")
-        return {"interrupted": False}
-    return fake
-
-
-def test_sweep_selects_on_the_selection_seed_and_judges_on_fresh_seeds(tmp_path, monkeypatch, capsys):
-    # seed 1337 (selection) favours lr 1e-3 for the mixer; its confirmation seeds would have favoured 1e-2
-    final_val = {("mixer", 1e-3, 1337): 3.0, ("mixer", 1e-2, 1337): 3.5, ("mixer", 1e-3, 1338): 3.3,
-                 ("mixer", 1e-3, 1339): 3.4, ("mixer", 1e-2, 1338): 2.0, ("mixer", 1e-2, 1339): 2.0,
-                 ("transformer", 1e-3, 1337): 3.2, ("transformer", 1e-2, 1337): 3.1,
-                 ("transformer", 1e-2, 1338): 2.9, ("transformer", 1e-2, 1339): 3.0,
-                 ("transformer", 1e-3, 1338): 1.0, ("transformer", 1e-3, 1339): 1.0}
-    trained = []
-    monkeypatch.setattr(compare.train, "train", fake_training(final_val, trained))
-    argv = ["--sweep", "lr=1e-3,1e-2", "--archs", "mixer", "transformer", "--seeds", "2", "--minutes", "1",
-            "--out_dir", str(tmp_path)]
-    compare.main(argv)
-    assert trained == [("mixer", 1e-3, 1337), ("transformer", 1e-3, 1337), ("mixer", 1e-2, 1337),
-                       ("transformer", 1e-2, 1337), ("mixer", 1e-3, 1338), ("transformer", 1e-2, 1338),
-                       ("mixer", 1e-3, 1339), ("transformer", 1e-2, 1339)]
-    table = (tmp_path / "results.md").read_text()
-    assert "| mixer | lr=1e-3 (best) | 0.00M | 10 | 17 | 3.000 |" in table
-    assert "| transformer | lr=1e-2 (best) |" in table and "| transformer | lr=1e-3 | 0.00M | 10 | 17 | 3.200 |" in table
-    assert "- mixer: lr=1e-3 (lr at the grid's lower edge: the optimum may lie outside the grid)" in table
-    # the verdict: confirmation seeds only (mixer 3.3 and 3.4 against transformer 2.9 and 3.0)
-    assert re.search(r"^\| mixer \| .* \| 3\.350 \(3\.300-3\.400\) \|$", table, re.M)
-    assert "transformer < mixer by 0.400: every seed of transformer ends below every seed of mixer." in table
-    capsys.readouterr()
-    trained.clear()
-    compare.main(argv)  # unchanged: nothing is trained again
-    assert trained == [] and capsys.readouterr().out.count("done already") == 8
-
-
-def test_the_ranking_rule_speaks_only_where_the_seeds_allow():
-    assert compare.ranking({"mixer": [2.0, 2.1], "transformer": [2.3, 2.2]}) == [
-        "mixer < transformer by 0.200: every seed of mixer ends below every seed of transformer."]
-    assert compare.ranking({"mixer": [2.0, 2.3], "transformer": [2.2, 2.25]}) == [
-        "mixer vs transformer: 0.075 apart, within the spread between seeds: no ranking."]
-    assert "no ranking is claimed" in compare.ranking({"mixer": [2.0], "transformer": [2.5]})[0]
-    assert compare.ranking({"mixer": [2.0, 2.1]}) == ["One arch only: nothing to rank."]
-
-
-def test_the_equal_tokens_view_and_the_summary_across_sweeps(tmp_path, monkeypatch, capsys):
-    """Fake runs at two context lengths: the mixer sees 1000 tokens in its time, the transformer 500.
-    At equal time the mixer ends lower; at equal tokens (500) the transformer does."""
-    final_val = {(arch, lr, seed): value for arch, base in (("mixer", 3.0), ("transformer", 3.5))
-                 for lr, extra in ((1e-3, 0.0), (1e-2, 0.5)) for seed, value in ((1337, base + extra), (1338, base + extra),
-                                                                                  (1339, base + extra + 0.2))}
-    monkeypatch.setattr(compare.train, "train", fake_training(final_val, [], tokens={"transformer": 500}))
-    for T in (8, 16):
-        compare.main(["--sweep", "lr=1e-3,1e-2", "--archs", "mixer", "transformer", "--seeds", "2", "--minutes", "1",
-                      "--block_size", str(T), "--out_dir", str(tmp_path / f"T{T}")])
-    table = (tmp_path / "T8" / "results.md").read_text()
-    assert "mixer < transformer by 0.500: every seed of mixer ends below every seed of transformer." in table
-    # at 500 tokens the mixer's curve is halfway from 9.0 to its final loss: 6.0 and 6.1
-    assert "| mixer | 6.050 (6.000-6.100) |" in table and "| transformer | 3.600 (3.500-3.700) |" in table
-    assert "transformer < mixer by 2.450: every seed of transformer ends below every seed of mixer." in table
-    capsys.readouterr()
-    compare.main(["--summary", str(tmp_path / "T16"), str(tmp_path / "T8"), "--out_dir", str(tmp_path)])
-    summary = (tmp_path / "summary.md").read_text()
-    assert re.findall(r"^\| (\d+) \| 3\.100 \(3\.000-3\.200\), lr=1e-3 \(edge\), 0\.00M \| 3\.600", summary, re.M) == ["8", "16"]
-    assert summary.count("| mixer < transformer by 0.500") == 2 and summary.count("transformer < mixer by 2.450") == 2
-    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
-    # a sweep from before the per-token view (or one without token counts) is summarised at equal time only
-    older = json.loads((tmp_path / "T8" / "summary.json").read_text())
-    for result in older["archs"].values():
-        del result["val_at_equal_tokens"], result["tokens"]
-    (tmp_path / "T8" / "summary.json").write_text(json.dumps(older))
-    compare.main(["--summary", str(tmp_path / "T16"), str(tmp_path / "T8"), "--out_dir", str(tmp_path)])
-    summary = (tmp_path / "summary.md").read_text()
-    assert "| 8 | 3.100 (3.000-3.200), lr=1e-3 (edge) | 3.600" in summary and "| 8 | - | - | not measured |" in summary
-    assert summary.count("transformer < mixer by 2.450") == 1
-
-
-def test_a_tiny_sweep_trains_writes_the_grid_and_resumes(prepared, tmp_path, capsys):
-    argv = [str(a) for a in ["--data_dir", prepared, "--compile", "false", "--n_layer", 1, "--n_embd", 32,
-                             "--block_size", 32, "--batch_size", 4, "--eval_interval", 5, "--eval_iters", 2,
-                             "--warmup_iters", 2, "--sweep", "lr=1e-3,1e-2", "--archs", "mixer", "transformer", "--minutes", 0.01,
-                             "--out_dir", tmp_path]]
-    compare.main(argv)
-    selection = {(arch, lr): float(read_log(tmp_path / f"{arch}-lr{lr}-seed1337")[-1]["val_loss"])
-                 for arch in ("mixer", "transformer") for lr in ("1e-3", "1e-2")}
-    table = (tmp_path / "results.md").read_text()
-    for arch in ("mixer", "transformer"):
-        best = min(("1e-3", "1e-2"), key=lambda lr: selection[arch, lr])
-        assert f"| {arch} | lr={best} (best) |" in table
-        assert (tmp_path / f"{arch}-lr{best}-seed1338" / "ckpt.pt").exists()
-        for lr in ("1e-3", "1e-2"):
-            assert f"{selection[arch, lr]:.3f} |" in table
-    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
-    assert len(mtimes) == 6
-    capsys.readouterr()
-    compare.main(argv)
-    assert capsys.readouterr().out.count("done already") == 6
-    assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
-
-
-def test_compare_draws_the_curves_with_matplotlib(prepared, tmp_path):
-    pytest.importorskip("matplotlib")
-    compare.main([str(a) for a in ["--data_dir", prepared, "--compile", "false", "--n_layer", 1, "--n_embd", 32,
-                                   "--block_size", 32, "--eval_interval", 5, "--eval_iters", 1, "--archs", "mixer", "--minutes", 0.005,
-                                   "--out_dir", tmp_path]])
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------------------------------- one training step
@@ -2014,25 +1440,18 @@ def scaler_updates(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("script", ["train", "recall", "retrieve infonce", "retrieve mixer", "bench"])
+@pytest.mark.parametrize("script", ["train", "retrieve infonce", "retrieve mixer"])
 def test_float16_trains_with_the_loss_scaler_in_every_script(script, scaler_updates, prepared, tiny_ckpt, tmp_path,
                                                              capsys):
     if script == "train":
         run_train("--data_dir", prepared, "--out_dir", tmp_path, *TINY_RUN, "--dtype", "float16", "--max_iters", 3)
-    elif script == "recall":
-        recall.main(["--archs", "mixer", "--settings", "16:2", "--widths", "32", "--lrs", "1e-3", "--steps", "3",
-                     "--vocab_size", "64", "--n_train", "100", "--n_test", "20", "--dtype", "float16",
-                     "--out_dir", str(tmp_path)])
     elif script == "retrieve infonce":
         pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(16, seed=0))
         run_retrieve("train", "--method", "infonce", "--ckpt", tiny_ckpt, "--pairs", pairs, "--out", tmp_path / "t.pt",
                      "--steps", 3, "--group", 8, "--dtype", "float16")
-    elif script == "retrieve mixer":
+    else:
         np.savez(tmp_path / "e.npz", summary=np.random.rand(20, 16).astype(np.float32),
                  story=np.random.rand(20, 16).astype(np.float32))
         run_retrieve("train", "--method", "mixer", "--emb", tmp_path / "e.npz", "--out", tmp_path / "r.pt",
                      "--steps", 3, "--candidates", 8, "--dtype", "float16")
-    else:
-        bench.main(["--arch", "mixer", "--modes", "float16", "--repeats", "1", "--steps", "1", "--warmup", "1",
-                    "--n_embd", "32", "--n_layer", "1", "--block_size", "16", "--batch_size", "2"])
     assert len(scaler_updates) >= 3 and all(scaler_updates)

@@ -2,9 +2,9 @@
 The paper's language-model comparison in one command: mixer, transformer and hybrid trained one after
 another on the same data, model size, seeds and wall-clock budget; then a table and the loss curves.
 
-    python compare.py --minutes 10                                   # the three archs, one seed each
-    python compare.py --minutes 5 --seeds 2 --n_embd 128 --n_layer 4 --block_size 128 --lr 1e-3
-    python compare.py --minutes 5 --archs mixer transformer --layout stories --block_size 32
+    python -m experiments.compare --minutes 10                                   # the three archs, one seed each
+    python -m experiments.compare --minutes 5 --seeds 2 --n_embd 128 --n_layer 4 --block_size 128 --lr 1e-3
+    python -m experiments.compare --minutes 5 --archs mixer transformer --layout stories --block_size 32
 
 Every flag compare.py does not know goes to train.py unchanged (data, model size, lr, --layout, ...).
 --out_dir (default out-compare) holds one folder per run, ARCH-seedS, and:
@@ -17,7 +17,7 @@ on one seed (--seed); each arch's best point (lowest final val loss) is then ret
 seeds (--seed + 1, ...), and only those confirmation runs enter the verdict: picking the best of many
 runs and reporting those same runs would flatter every arch by its own luck.
 
-    python compare.py --sweep lr=1e-3,3e-3,1e-2,3e-2 --seeds 2 --minutes 3 --archs mixer transformer ...
+    python -m experiments.compare --sweep lr=1e-3,3e-3,1e-2,3e-2 --seeds 2 --minutes 3 --archs mixer transformer ...
 
 With --sweep, results.md holds the grid (arch x point -> final val loss, steps, tokens/s; a best point
 at the edge of the grid is marked), then each arch's best point confirmed, and the verdict; curves.png
@@ -28,6 +28,7 @@ is then stretched over the new budget, which is not quite the same as training t
 """
 import argparse
 import csv
+import dataclasses
 import itertools
 import json
 import re
@@ -41,8 +42,10 @@ import numpy as np
 import torch
 
 import train
-from cli import (COLOURS, VARIANTS, HelpFormatter, UserError, machine, mean_and_range, positive_float, positive_int,
-                 pyplot, run, variant_flags)
+from mixer import Config
+from experiments.common import best_of, ranking
+from cli import (COLOURS, MODEL_CHOICES, VARIANTS, WITHOUT_EFFECT, HelpFormatter, UserError, load_checkpoint, machine,
+                 mean_and_range, pick_device, positive_float, positive_int, pyplot, run, variant_flags)
 
 CURVE_FIELDS = ["arch", "point", "seed", "step", "tokens", "elapsed_s", "train_loss", "val_loss"]
 OWN_FLAGS = ("--max_minutes", "--resume")  # compare.py sets these itself for every run
@@ -66,9 +69,8 @@ def run_dirs(args):
 # ---------------------------------------------------------------------------------------- the sweep
 
 def parse_grid(specs, train_argv):
-    """[(flag, [value text, ...]), ...] from FLAG=V1,V2,... specs. Each value is checked now with the
-    type train.py gives that flag, so a typo fails before hours of training, not after."""
-    actions = {a.dest: a for a in train.build_parser()._actions if a.option_strings}
+    """[(flag, [value text, ...]), ...] from FLAG=V1,V2,... specs. Each value is checked now as train.py
+    reads that flag, so a typo fails before hours of training, not after."""
     given = {arg.lstrip("-").split("=")[0] for arg in train_argv if arg.startswith("--")}
     grid = []
     for spec in specs:
@@ -76,8 +78,7 @@ def parse_grid(specs, train_argv):
         flag = flag.strip().lstrip("-")
         if not eq or not flag:
             raise UserError(f"--sweep {spec!r}: write FLAG=V1,V2,... (e.g. lr=1e-3,3e-3,1e-2)")
-        action = actions.get(flag)
-        if action is None or action.nargs == 0:
+        if flag not in TAKES_A_VALUE:
             raise UserError(f"--sweep {flag}: not a train.py flag that takes a value (see python train.py --help)")
         if flag in SET_PER_RUN:
             raise UserError(f"--sweep {flag}: compare.py sets --{flag} itself for every run (use --archs, --seed, "
@@ -90,14 +91,38 @@ def parse_grid(specs, train_argv):
         if len(set(texts)) < len(texts):
             raise UserError(f"--sweep {flag}={values}: a value is listed twice")
         for text in texts:
-            try:
-                value = action.type(text) if action.type else text
-            except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-                raise UserError(f"--sweep {flag}={text}: {e or 'not a valid value'}") from None
-            if action.choices and value not in action.choices:
-                raise UserError(f"--sweep {flag}={text}: choose from {', '.join(map(str, action.choices))}")
+            check_value(flag, text)
         grid.append((flag, texts))
     return grid
+
+
+# The train.py flags a sweep can vary: every TrainConfig field but the switch --resume, every model field
+TAKES_A_VALUE = {name for name, f in train.TRAIN_FIELDS.items() if f.metadata["kind"]} | \
+    {f.name for f in dataclasses.fields(Config)} - {"vocab_size", "causal"}
+
+
+def check_value(flag, text):
+    """A UserError unless train.py reads text as a value of --flag."""
+    choices = {**{name: f.metadata["choices"] for name, f in train.TRAIN_FIELDS.items()}, **MODEL_CHOICES}
+    if choices.get(flag) and text not in choices[flag]:
+        raise UserError(f"--sweep {flag}={text}: choose from {', '.join(choices[flag])}")
+    try:
+        train.parse_flags([f"--{flag}", text], exit_on_error=False)
+    except argparse.ArgumentError as e:
+        raise UserError(f"--sweep {flag}={text}: {e.message}") from None
+
+
+def flags_for(arch, argv):
+    """argv without the model flags that mean nothing to arch (cli.WITHOUT_EFFECT): every arch of a
+    comparison gets the same command line, and each takes the flags that apply to it."""
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and argv[i][2:].partition("=")[0] in WITHOUT_EFFECT[arch]:
+            i += 1 if "=" in argv[i] else 2  # the flag and its value
+            continue
+        kept.append(argv[i])
+        i += 1
+    return kept
 
 
 def grid_points(grid):
@@ -129,11 +154,7 @@ def confirmation_runs(args, best):
 
 def best_points(results):
     """{arch: the point whose run ends with the lowest val loss} over the given (selection) results."""
-    best = {}
-    for r in results:
-        if r["arch"] not in best or final_val_loss(r) < final_val_loss(best[r["arch"]]):
-            best[r["arch"]] = r
-    return {arch: r["point"] for arch, r in best.items()}
+    return {arch: r["point"] for arch, r in best_of(results, lambda r: r["arch"], final_val_loss).items()}
 
 
 def edge_notes(grid, point):
@@ -153,7 +174,7 @@ def is_finished(ckpt_path, minutes):
     """True when the run's checkpoint already covers the time budget (or its step budget)."""
     if not ckpt_path.exists():
         return False
-    ckpt = train.load_checkpoint(ckpt_path, needs=("elapsed", "step", "train_args"))
+    ckpt = load_checkpoint(ckpt_path, needs=("elapsed", "step", "train_args"))
     return ckpt["elapsed"] >= minutes * 60 or ckpt["step"] >= ckpt["train_args"]["max_iters"]
 
 
@@ -171,9 +192,14 @@ def train_all(args, train_argv, runs, stage=""):
         # a time budget: --max_iters must not end the run first, unless the user asked for it
         argv = ["--max_iters", str(10**9), *train_argv, *swept, *variant_flags(job.arch), "--seed", str(job.seed),
                 "--out_dir", str(job.out_dir), "--max_minutes", str(args.minutes)] + (["--resume"] if resume else [])
-        summary = train.train(train.parse_args(argv))
+        summary = train_run(flags_for(VARIANTS[job.arch]["arch"], argv))
         if summary["interrupted"]:
             raise UserError("interrupted: run the same command again to continue where it stopped")
+
+
+def train_run(argv):
+    """One train.py run, in this process, of a train.py command line (a test replaces it)."""
+    return train.train(*train.parse_args(argv))
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -182,7 +208,7 @@ def read_run(run):
     """One finished run: its eval rows (log.csv) and its parameter count (checkpoint)."""
     with open(run.out_dir / "log.csv") as f:
         rows = [{"arch": run.arch, "point": point_name(run.point), "seed": run.seed, **r} for r in csv.DictReader(f)]
-    ckpt = train.load_checkpoint(run.out_dir / "ckpt.pt")
+    ckpt = load_checkpoint(run.out_dir / "ckpt.pt")
     return {"arch": run.arch, "seed": run.seed, "point": run.point, "rows": rows,
             "params": sum(t.numel() for t in ckpt["model"].values()), "layout": ckpt["train_args"]["layout"],
             "config": ckpt["config"]}
@@ -190,27 +216,6 @@ def read_run(run):
 
 def final_val_loss(result):
     return float(result["rows"][-1]["val_loss"])
-
-
-def ranking(by_arch, higher_is_better=False, fmt=".3f", unit=""):
-    """What the seeds allow us to say about the archs' order ({arch: [value per seed]}, a loss unless
-    higher_is_better), one sentence per neighbouring pair: a ranking only where every seed of one arch
-    ends beyond every seed of the other."""
-    if len(by_arch) < 2:
-        return ["One arch only: nothing to rank."]
-    if all(len(v) == 1 for v in by_arch.values()):
-        return ["One seed per arch: no spread was measured, so no ranking is claimed (use --seeds 2 or more)."]
-    order = sorted(by_arch, key=lambda a: statistics.mean(by_arch[a]), reverse=higher_is_better)
-    sign, side = (">", "above") if higher_is_better else ("<", "below")
-    lines = []
-    for better, worse in zip(order, order[1:]):
-        gap = format(abs(statistics.mean(by_arch[worse]) - statistics.mean(by_arch[better])), fmt) + unit
-        apart = min(by_arch[better]) > max(by_arch[worse]) if higher_is_better else max(by_arch[better]) < min(by_arch[worse])
-        if apart:
-            lines.append(f"{better} {sign} {worse} by {gap}: every seed of {better} ends {side} every seed of {worse}.")
-        else:
-            lines.append(f"{better} vs {worse}: {gap} apart, within the spread between seeds: no ranking.")
-    return lines
 
 
 def setting_line(result, device_name, swept=()):
@@ -390,12 +395,12 @@ def summarize(args):
     for folder in args.summary:
         path = Path(folder) / "summary.json"
         if not path.is_file():
-            raise UserError(f"{path} not found: run compare.py --sweep ... --out_dir {folder} to the end first")
+            raise UserError(f"{path} not found: run python -m experiments.compare --sweep ... --out_dir {folder} to the end first")
         sweeps.append(json.loads(path.read_text()))
     sweeps.sort(key=lambda s: s["block_size"])
     archs = [arch for arch in VARIANTS if any(arch in s["archs"] for s in sweeps)]
     lines = ["# Each arch at its best learning rate, by context length", "",
-             f"`{shlex.join(['python', 'compare.py', '--summary', *args.summary])}`", "",
+             f"`{shlex.join(['python', '-m', 'experiments.compare', '--summary', *args.summary])}`", "",
              "Commands: the results.md beside each summary.json.", "",
              *(f"- T = {s['block_size']}: {s['minutes']:g} minutes per run on {s['machine']}" for s in sweeps), ""]
     for title, key in (("Equal time: val loss at the end of each run", "val"),
@@ -450,8 +455,8 @@ def compare(args, train_argv, command):
     bad = [flag for flag in train_argv if flag.split("=")[0] in OWN_FLAGS]
     if bad:
         raise UserError(f"{bad[0]} is set by compare.py (use --minutes; a second run of the same command resumes)")
-    train_args = train.parse_args(["--max_iters", "1", *train_argv])  # a bad train.py flag fails now, not hours later
-    args.machine = machine(train.pick_device(train_args.device))
+    given, _ = train.parse_flags(train_argv)  # a bad train.py flag fails now, not hours later
+    args.machine = machine(pick_device(given.get("device", "auto")))
     grid = parse_grid(args.sweep, train_argv) if args.sweep else None
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if grid is None:
@@ -490,8 +495,8 @@ def main(argv=None):
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         p.error(f"--out_dir {args.out_dir} is a file, not a folder")
     if args.summary:
-        return run("compare.py", summarize, args)
-    run("compare.py", lambda a: compare(a, train_argv, shlex.join(["python", "compare.py", *argv])), args)
+        return run("experiments.compare", summarize, args)
+    run("experiments.compare", lambda a: compare(a, train_argv, shlex.join(["python", "-m", "experiments.compare", *argv])), args)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 Measured speed and memory of the architectures: training throughput, MFU, generation, and the memory
 a training step needs. --arch names mixer.py's archs and "toeplitz", the mixer with Toeplitz mixing.
 
-    python bench.py --arch all                          # training step table + generation table
-    python bench.py --arch mixer --compile              # one arch, torch.compile'd
-    python bench.py --arch all --sweep_block_size 128,256,512,1024,2048   # context-length sweep
-    python bench.py --memory --arch all --sweep_block_size 512,1024,2048,4096   # memory, the paper's B1 setting
-    python bench.py --modes float32,bfloat16,float32+compile,bfloat16+compile --repeats 5   # dtype x compile
-    python bench.py --toeplitz --sweep_block_size 128,256,512,1024,2048,4096   # Toeplitz mixing: dense vs FFT
+    python -m experiments.bench --arch all                          # training step table + generation table
+    python -m experiments.bench --arch mixer --compile              # one arch, torch.compile'd
+    python -m experiments.bench --arch all --sweep_block_size 128,256,512,1024,2048   # context-length sweep
+    python -m experiments.bench --memory --arch all --sweep_block_size 512,1024,2048,4096   # memory, the paper's B1 setting
+    python -m experiments.bench --modes float32,bfloat16,float32+compile,bfloat16+compile --repeats 5   # dtype x compile
+    python -m experiments.bench --toeplitz --sweep_block_size 128,256,512,1024,2048,4096   # Toeplitz mixing: dense vs FFT
 
 Speed defaults: a paper-scale model on CUDA (d1024, 8 layers, T512, bf16), a small one on the CPU.
 Each timing is the median of --steps steps after --warmup untimed ones. Prints markdown tables.
@@ -32,10 +32,11 @@ import time
 
 import torch
 
-from cli import VARIANTS, HelpFormatter, add_model_flags, config_from_flags, machine, mean_and_range, positive_int, run
 import mixer
+from cli import (VARIANTS, HelpFormatter, add_dtype_flag, add_model_flags, autocast, config_from_flags, machine,
+                 mean_and_range, mixed_precision, peak_flops, pick_device, positive_int, run)
 from mixer import Model
-from train import add_dtype_flag, autocast, make_optimizer, mixed_precision, peak_flops, pick_device, train_step
+from train import train_step
 
 GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
@@ -72,7 +73,7 @@ def make_train_step(config, args, device, dtype, compile):
     backward, clipping, AdamW) on fixed random tokens."""
     torch.manual_seed(0)
     model = Model(config).to(device)
-    optimizer = make_optimizer(model, 1e-4, 0.1, device)
+    optimizer = model.make_optimizer(1e-4, 0.1, device)
     step_model = torch.compile(model) if compile else model
     ctx, scaler, _ = mixed_precision(device, dtype)
     x = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size + 1), device=device)
@@ -386,7 +387,7 @@ def bench(args):
 
 
 def main(argv=None):
-    run("bench.py", bench, parse_args(argv))
+    run("experiments.bench", bench, parse_args(argv))
 
 
 if __name__ == "__main__":

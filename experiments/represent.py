@@ -3,9 +3,9 @@ Input representation accuracy: how well does a model's output still determine it
 explanation of why masked mixers and transformers differ (attention selects a few inputs and discards
 the rest; a mixer mixes every earlier token, so its input stays recoverable).
 
-    python represent.py --ckpt out-mixer/ckpt.pt out-transformer/ckpt.pt --data_dir data/tinystories
-    python represent.py --ckpt out-compare/mixer-seed1337/ckpt_step*.pt --data_dir ...   # over training
-    python represent.py --init mixer transformer hybrid --n_layer 8 --n_embd 256 --block_size 64 --vocab_size 4096
+    python -m experiments.represent --ckpt out-mixer/ckpt.pt out-transformer/ckpt.pt --data_dir data/tinystories
+    python -m experiments.represent --ckpt out-compare/mixer-seed1337/ckpt_step*.pt --data_dir ...   # over training
+    python -m experiments.represent --init mixer transformer hybrid --n_layer 8 --n_embd 256 --block_size 64 --vocab_size 4096
 
 The method (as in the author's code):
 1. Inputs x: --n texts, each the first --length tokens of a story in --data_dir's val.bin (stories at
@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 import cli
-from cli import HelpFormatter, Progress, UserError, config_from_flags, positive_int, pyplot, run
+from cli import (HelpFormatter, Progress, UserError, config_from_flags, load_checkpoint, model_from_checkpoint,
+                 positive_int, pyplot, run)
 from mixer import ARCHS, Model
-from train import load_checkpoint, load_data, model_from_checkpoint
+from train import load_data
 
 TOP_K = 5
 LR_START, LR_END = 0.02, 0.002
@@ -221,7 +222,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="also one JSON object per model after the table")
     p.add_argument("--plot", help="a PNG of Hamming distance against training step (needs matplotlib)")
     args = p.parse_args(argv)
-    run("represent.py", represent, args)
+    run("experiments.represent", represent, args)
 
 
 if __name__ == "__main__":

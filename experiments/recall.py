@@ -1,13 +1,13 @@
 """
 What a mixer cannot do: multi-query associative recall (MQAR), the probe of Arora et al., "Zoology:
 Measuring and Improving Recall in Efficient Language Models" (2023). A token mixer whose weights do
-not depend on the input cannot look a value up by its key; attention can. represent.py shows what the
+not depend on the input cannot look a value up by its key; attention can. experiments.represent shows what the
 mixer keeps of its input; this shows what it cannot route.
 
-    python recall.py                       # the CPU default: 3 archs, 4 and 8 pairs, width 64 (~20 min, 2 cores)
-    python recall.py --widths 32 64        # the README's run: two widths
-    python recall.py --archs mixer transformer --settings 64:4 128:8 --widths 64 128 --lrs 1e-3 3e-3 1e-2
-    python recall.py --settings 64:4 128:8 256:16 --widths 64 128 256 512 --vocab_size 8192 \
+    python -m experiments.recall                       # the CPU default: 3 archs, 4 and 8 pairs, width 64 (~20 min, 2 cores)
+    python -m experiments.recall --widths 32 64        # the README's run: two widths
+    python -m experiments.recall --archs mixer transformer --settings 64:4 128:8 --widths 64 128 --lrs 1e-3 3e-3 1e-2
+    python -m experiments.recall --settings 64:4 128:8 256:16 --widths 64 128 256 512 --vocab_size 8192 \
         --lrs 1e-4 3e-4 1e-3 3e-3 1e-2 --n_train 100000 --n_test 3000 --steps 20000   # Zoology's scale (GPU)
 
 The task: a sequence of seq_len tokens starts with `pairs` key-value pairs k1 v1 ... kn vn (keys from
@@ -32,7 +32,6 @@ during training), both with matplotlib.
 import argparse
 import dataclasses
 import itertools
-import json
 import shlex
 import sys
 import time
@@ -41,10 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import (AtomicFile, HelpFormatter, UserError, add_model_flags, config_from_flags, machine, positive_float,
-                 positive_int, pyplot, run)
+from cli import (AtomicFile, HelpFormatter, UserError, add_dtype_flag, add_model_flags, config_from_flags, machine,
+                 mixed_precision, pick_device, positive_float, positive_int, pyplot, run)
+from experiments.common import ResultStore, best_of
 from mixer import ARCHS, Config, Model
-from train import Schedule, add_dtype_flag, make_optimizer, mixed_precision, pick_device, train_step
+from train import Schedule, train_step
 
 COLOURS = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
 PLATEAU = 0.02  # a curve has flattened when its last quarter gained less than this accuracy
@@ -96,7 +96,7 @@ def recall_accuracy(logits, targets):
 # ---------------------------------------------------------------------------------------- training
 
 @torch.no_grad()
-def evaluate(model, inputs, targets, ctx, batch_size=256):
+def accuracy(model, inputs, targets, ctx, batch_size=256):
     """Recall accuracy on all of inputs, batch_size sequences at a time."""
     model.eval()
     hits = []
@@ -120,7 +120,7 @@ def train_one(arch, width, lr, data, args, device):
         (x.to(device), y.to(device)) for x, y in (data["train"], data["val"], data["test"]))
     torch.manual_seed(args.seed)
     model = Model(model_config(arch, width, train_x.size(1), args)).to(device)
-    optimizer = make_optimizer(model, lr, args.weight_decay, device)
+    optimizer = model.make_optimizer(lr, args.weight_decay, device)
     schedule = Schedule(lr, args.warmup_iters)
     ctx, scaler, _ = mixed_precision(device, args.dtype)
     g = torch.Generator().manual_seed(args.seed)
@@ -132,11 +132,11 @@ def train_one(arch, width, lr, data, args, device):
     curve, start = [], time.time()
     for step in range(args.steps + 1):
         if step % args.eval_interval == 0 or step == args.steps:
-            curve.append((step, evaluate(model, val_x, val_y, ctx)))
+            curve.append((step, accuracy(model, val_x, val_y, ctx)))
         if step == args.steps:
             break
         train_step(optimizer, scaler, next_loss, schedule.lr_at(step / args.steps, step, args.warmup_iters / args.steps), ctx)
-    return {"curve": curve, "val": curve[-1][1], "test": evaluate(model, test_x, test_y, ctx),
+    return {"curve": curve, "val": curve[-1][1], "test": accuracy(model, test_x, test_y, ctx),
             "seconds": time.time() - start, "params": model.num_params(non_embedding=True)}
 
 
@@ -167,12 +167,6 @@ def run_key(arch, setting, width, lr, args):
             "batch_size": args.batch_size, "n_train": args.n_train, "power_a": args.power_a}
 
 
-def read_done(path):
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def datasets(setting, args):
     """Train, validation and test sequences of one (seq_len, pairs) setting, each from its own seed."""
     sizes = {"train": args.n_train, "val": args.n_test, "test": args.n_test}
@@ -182,38 +176,32 @@ def datasets(setting, args):
 
 def sweep(args, device):
     """Every (setting, width, lr, arch) run, each appended to results.jsonl when it ends."""
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "results.jsonl"
-    done = read_done(log)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    store = ResultStore(args.out_dir)
     keys = [dict(zip(("setting", "width", "lr", "arch"), c))
             for c in itertools.product(args.settings, args.widths, args.lrs, args.archs)]
     results, start, data = [], time.time(), {}
     for n, k in enumerate(keys, 1):
         key = run_key(k["arch"], k["setting"], k["width"], k["lr"], args)
-        found = next((r for r in done if all(r.get(f) == v for f, v in key.items())), None)
-        state = "done already" if found else "trained"
-        if found is None:
+
+        def train_it(k=k):
+            nonlocal data
             if k["setting"] not in data:  # settings come in order: keep one setting's data at a time
                 data = {k["setting"]: datasets(k["setting"], args)}
-            found = {**key, **train_one(k["arch"], k["width"], k["lr"], data[k["setting"]], args, device)}
-            with open(log, "a") as f:  # one line per finished run: an interrupted sweep keeps all of them
-                f.write(json.dumps(found) + "\n")
+            return train_one(k["arch"], k["width"], k["lr"], data[k["setting"]], args, device)
+
+        found, read_back = store.get(key, train_it)
         results.append(found)
         print(f"[{n}/{len(keys)}] {k['arch']} T{key['seq_len']} pairs {key['pairs']} d{k['width']} lr {k['lr']:g}: "
-              f"{state}: val {found['val']:.3f}, test {found['test']:.3f} ({found['seconds']:.0f}s; "
-              f"{time.time() - start:.0f}s so far)", flush=True)
+              f"{'done already' if read_back else 'trained'}: val {found['val']:.3f}, test {found['test']:.3f} "
+              f"({found['seconds']:.0f}s; {time.time() - start:.0f}s so far)", flush=True)
     return results
 
 
 def best_of_lrs(results):
     """{(arch, seq_len, pairs, width): the run with the highest validation accuracy over the lrs}."""
-    best = {}
-    for r in results:
-        key = (r["arch"], r["seq_len"], r["pairs"], r["width"])
-        if key not in best or r["val"] > best[key]["val"]:
-            best[key] = r
-    return best
+    return best_of(results, lambda r: (r["arch"], r["seq_len"], r["pairs"], r["width"]), lambda r: r["val"],
+                   higher_is_better=True)
 
 
 def write_table(best, args, command):
@@ -313,7 +301,7 @@ def main(argv=None):
     add_model_flags(p, defaults={"n_layer": 2, "n_head": 2}, skip=("arch", "vocab_size", "causal", "n_embd", "block_size"),
                     title="model (mixer.Config; the same for every arch; n_embd is --widths, block_size the setting's length)")
     args = p.parse_args(argv)
-    run("recall.py", lambda a: recall(a, shlex.join(["python", "recall.py", *argv])), args)
+    run("experiments.recall", lambda a: recall(a, shlex.join(["python", "-m", "experiments.recall", *argv])), args)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@ What a trained mixer learned: its mixing matrices as pictures and numbers, besid
 attention. A masked mixer's whole token mixing is one learned [T, T] matrix per layer (and head), the
 same for every input, so it can be looked at directly.
 
-    python mixing.py --ckpt out-compare/mixer-seed1337/ckpt.pt --out mixing.png
-    python mixing.py --ckpt out-compare/{mixer,transformer,hybrid}-seed1337/ckpt.pt --data_dir data/tinystories
-    python mixing.py --init mixer --block_size 32 --n_layer 2          # untrained: W = I
+    python -m experiments.mixing --ckpt out-compare/mixer-seed1337/ckpt.pt --out mixing.png
+    python -m experiments.mixing --ckpt out-compare/{mixer,transformer,hybrid}-seed1337/ckpt.pt --data_dir data/tinystories
+    python -m experiments.mixing --init mixer --block_size 32 --n_layer 2          # untrained: W = I
 
 For each mixing layer and head (mixer and hybrid) it shows tril(W), the matrix the forward pass
 applies (upper triangle blank), and W - I, what training added to the identity init. A Toeplitz mixer
@@ -34,7 +34,7 @@ import torch
 
 from cli import HelpFormatter, UserError, positive_int, pyplot, run
 from mixer import Attention, MaskedMixing, attention_probs
-from represent import add_model_flags, models_to_test, story_inputs
+from experiments.represent import add_model_flags, models_to_test, story_inputs
 
 RANK_TOL = 1e-2  # relative to the largest singular value
 
@@ -282,7 +282,7 @@ def main(argv=None):
     p.add_argument("--out", help="PNG of the heatmaps (and OUT_profile.png, OUT_attention.png); needs matplotlib")
     p.add_argument("--json", action="store_true", help="also one JSON object per layer and head after the table")
     p.add_argument("--seed", type=int, default=0, help="for --init weights")
-    run("mixing.py", show, p.parse_args(argv))
+    run("experiments.mixing", show, p.parse_args(argv))
 
 
 if __name__ == "__main__":
