@@ -428,7 +428,7 @@ class ToeplitzMatmul(torch.autograd.Function):
 
 # The Toeplitz mixer convolves by FFT from this context length on, by the dtype its product runs in (the
 # autocast dtype under autocast): where the FFT won in every round of bench --toeplitz (RESULTS.md section 2).
-FFT_FROM = {"float32": 2048, "bfloat16": 2048}
+FFT_FROM = {"float32": 1024, "bfloat16": 2048}
 
 
 def fft_from(v):  # the threshold for the dtype the product of v [B, h, S, dh] runs in

@@ -166,6 +166,26 @@ def test_a_long_context_toeplitz_model_takes_the_fft_and_gives_the_same_logits(m
     assert len(calls) == 2 and torch.allclose(stepwise, by_fft, atol=1e-5)
 
 
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, True), (False, True), (False, False)],
+                         ids=["intel-amx", "amd-avx512-bf16", "amd-avx2-only"])
+def test_the_fft_threshold_follows_the_dtype_the_product_runs_in(amx, avx512_bf16, monkeypatch):
+    """Each CPU kind trains in its --dtype auto; the Toeplitz product takes the FFT from that dtype's threshold."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(mixer, "FFT_FROM", {"float32": 8, "bfloat16": 16})  # small, to run a tiny model
+    calls = []
+    monkeypatch.setattr(mixer, "toeplitz_fft", lambda k, v, fft=mixer.toeplitz_fft: calls.append(1) or fft(k, v))
+    cpu = torch.device("cpu")
+    ctx, dtype = cli.autocast(cpu, "auto")
+    model = tiny_model("toeplitz")  # block_size 16
+    with torch.no_grad(), ctx:
+        assert mixer.fft_from(torch.zeros(1, 1, 8, 4)) == mixer.FFT_FROM[dtype]
+        model(torch.zeros(1, 8, dtype=torch.long))
+        assert len(calls) == (2 if dtype == "float32" else 0)  # 8 tokens: the FFT in float32 only (2 layers)
+        model(torch.zeros(1, 16, dtype=torch.long))
+    assert len(calls) == (4 if dtype == "float32" else 2)  # 16 tokens: the FFT in both
+
+
 @pytest.mark.parametrize("mixing", ["full", "toeplitz"])
 def test_only_the_toeplitz_mixers_parameters_grow_linearly_with_the_context(mixing):
     count = {T: Model(Config(arch="mixer", mixing=mixing, mixer_heads=2, vocab_size=64, n_layer=2, n_embd=32,
@@ -823,6 +843,7 @@ def test_compile_is_the_default_and_its_first_step_is_not_training_time(prepared
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(SlowFirstCall(model, fake_clock)) or compiled[-1])
     monkeypatch.setattr(cli, "c_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(train, "compile_by_default", lambda device, dtype: True)  # a machine where compile pays
     eager = [a for a in TINY_RUN if a not in ("--compile", "false")]
     run_train("--data_dir", prepared, "--out_dir", tmp_path, *eager, "--max_iters", 10**6, "--max_minutes", 0.5,
               "--eval_interval", 10)
@@ -842,6 +863,7 @@ def test_a_failed_compile_falls_back_to_eager_in_one_line(prepared, tmp_path, mo
 
     monkeypatch.setattr(torch, "compile", Broken)
     monkeypatch.setattr(cli, "c_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(train, "compile_by_default", lambda device, dtype: True)  # a machine where compile pays
     eager = [a for a in TINY_RUN if a not in ("--compile", "false")]
     run_train("--data_dir", prepared, "--out_dir", tmp_path / "broken", *eager, "--max_iters", 20, "--eval_interval", 20)
     out = capsys.readouterr().out
@@ -870,6 +892,18 @@ def test_dtype_auto_picks_bf16_on_every_cpu_that_multiplies_it_natively(amx, avx
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     assert cli.resolve_dtype(torch.device("cpu"), "auto") == expected
     assert cli.resolve_dtype(torch.device("cpu"), "float32") == "float32"  # an explicit choice stands
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, compiled", [(True, True, True), (False, True, True), (False, False, False)],
+                         ids=["intel-amx", "amd-avx512-bf16", "amd-avx2-only"])
+def test_compile_is_on_by_default_where_the_cpu_trains_in_bf16(amx, avx512_bf16, compiled, monkeypatch):
+    """The measured rule (RESULTS.md sections 9, 10): compile pays with bf16 hardware, not in float32."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert cli.compile_by_default(cpu, "auto") is compiled
+    assert cli.compile_by_default(cpu, "float32") is False  # float32 on any CPU: no gain worth the compile
+    assert cli.compile_by_default(torch.device("cuda"), "auto") is True
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path, capsys):
