@@ -6,7 +6,8 @@ another on the same data, model size, seeds and wall-clock budget; then a table 
     python -m experiments.compare --minutes 5 --seeds 2 --n_embd 128 --n_layer 4 --block_size 128 --lr 1e-3
     python -m experiments.compare --minutes 5 --archs mixer transformer --layout stories --block_size 32
 
-Every flag compare.py does not know goes to train.py unchanged (data, model size, lr, --layout, ...).
+Every flag compare.py does not know goes to train.py unchanged (data, model size, lr, --layout, ...), but a
+model flag that means nothing to an arch (--n_head for the mixers, --mixer_heads for the transformer) skips it.
 --out_dir (default out-compare) holds one folder per run, ARCH-seedS, and:
     results.md   the table (mean and spread over seeds), with the command and the machine
     curves.csv   every eval of every run
