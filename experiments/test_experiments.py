@@ -550,6 +550,14 @@ def test_sweep_selects_on_the_selection_seed_and_judges_on_fresh_seeds(tmp_path,
     assert trained == [] and capsys.readouterr().out.count("done already") == 8
 
 
+def test_each_arch_of_a_comparison_gets_only_the_model_flags_that_apply_to_it():
+    argv = ["--n_head", "4", "--lr", "1e-3", "--attn_impl=eager", "--mixer_heads", "2", "--n_layer", "2"]
+    assert compare.flags_for("mixer", argv) == ["--lr", "1e-3", "--mixer_heads", "2", "--n_layer", "2"]
+    assert compare.flags_for("transformer", argv) == ["--n_head", "4", "--lr", "1e-3", "--attn_impl=eager",
+                                                      "--n_layer", "2"]
+    assert compare.flags_for("hybrid", argv) == argv
+
+
 def test_the_ranking_rule_speaks_only_where_the_seeds_allow():
     assert common.ranking({"mixer": [2.0, 2.1], "transformer": [2.3, 2.2]}) == [
         "mixer < transformer by 0.200: every seed of mixer ends below every seed of transformer."]
