@@ -212,18 +212,9 @@ def c_compiler():
 def compile_by_default(device, dtype):
     """Whether --compile is on when not given: where it pays. On a GPU, and on a CPU that trains in bf16
     (AMX, AVX512-BF16: compile fuses autocast's casts, 1.45-1.88x, RESULTS.md section 9). Not where a CPU
-    trains in float32 (no bf16 hardware, or --dtype float32): there it gained 1.03-1.04x and its first
-    step costs 10-30 s, a net loss on runs under about a quarter of an hour (RESULTS.md section 10)."""
+    trains in float32 (no bf16 hardware, or --dtype float32): there it gained 0-7% and its first step
+    costs about 33 s, repaid only after 8-19 minutes of training (RESULTS.md section 10)."""
     return device.type == "cuda" or (device.type == "cpu" and resolve_dtype(device, dtype) != "float32")
-
-
-def cannot_compile(device):
-    """Why torch.compile cannot work on this device, or None: it needs CUDA, or a C++ compiler on the CPU."""
-    if device.type == "mps":
-        return "not supported on mps"
-    if device.type == "cpu" and c_compiler() is None:
-        return "no C++ compiler found (g++ or clang++) for this CPU"
-    return None
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; unknown devices report no MFU.
@@ -239,8 +230,13 @@ def peak_flops(device):
 
 
 def can_compile(device, say):
-    """Whether torch.compile can work on device; where it cannot, say(why) once: the run trains eager."""
-    problem = cannot_compile(device)
+    """Whether torch.compile can work on device (it needs CUDA, or a C++ compiler on the CPU); where it
+    cannot, say(why) once: the run trains eager."""
+    problem = None
+    if device.type == "mps":
+        problem = "not supported on mps"
+    elif device.type == "cpu" and c_compiler() is None:
+        problem = "no C++ compiler found (g++ or clang++) for this CPU"
     if problem:
         say(f"compile: {problem}; training eager (--compile false hides this line)")
     return problem is None

@@ -228,7 +228,7 @@ def train(cfg, config, ckpt=None):
     state = State() if ckpt is None else restore(ckpt, raw_model, optimizer, rng, rank, world, device)
     ctx, scaler, dtype = mixed_precision(device, cfg.dtype)  # autocast, and fp16's loss scaler
     tokens_per_step = cfg.batch_size * cfg.grad_accum * config.block_size * world
-    report = Reporter(master, out_dir / "log.csv", cfg, tokens_per_step, device, raw_model)
+    report = Reporter(master, out_dir / "log.csv", cfg, budget, tokens_per_step, device, raw_model)
     report.open(splits, dtype, state.step if ckpt else None)  # log.csv, and what this run is
     compile_pending = cfg.compile and can_compile(device, report.print)
     model = wrap(raw_model, compile_pending, world, device)  # compiled and/or DDP
@@ -396,10 +396,9 @@ class Reporter:
     """Every line a run prints and every row of log.csv, on rank 0 only (other ranks only check the loss): a loss line
     every log_interval steps (or 30 s), pace and time left on a status line between; paces in training seconds."""
 
-    def __init__(self, master, log_path, cfg, tokens_per_step, device, model):
-        self.master, self.log_path, self.cfg, self.device, self.model = master, log_path, cfg, device, model
+    def __init__(self, master, log_path, cfg, budget, tokens_per_step, device, model):
+        self.master, self.log_path, self.cfg, self.budget, self.device, self.model = master, log_path, cfg, budget, device, model
         self.tokens_per_step, self.peak = tokens_per_step, peak_flops(device)
-        self.budget = Budget(cfg.max_iters, cfg.max_minutes)
         self.status = Progress(log_every=30, quiet_first=True)
         self.eval_s, self.timed_steps, self.eval_mark = 0.0, 0, None
 
@@ -535,11 +534,12 @@ def parse_args(argv=None):
     if ckpt is not None:
         saved = {name: value for name, value in ckpt["train_args"].items()
                  if name in TRAIN_FIELDS and name not in ("out_dir", "device", "resume") and value is not None}
+        config = Config(**ckpt["config"])  # the model cannot change on resume
+        trained_with = {**TRAIN_DEFAULTS, **saved, **dataclasses.asdict(config)}
         for name, value in {**given, **model_given}.items():
-            was = {**TRAIN_DEFAULTS, **saved, **ckpt["config"]}.get(name)
-            if name in FIXED_ON_RESUME and value != was:
-                raise UserError(f"{out_dir / 'ckpt.pt'} was trained with --{name} {was}, not --{name} {value}: "
-                                "drop the flag to resume it, or train into a new --out_dir")
+            if name in FIXED_ON_RESUME and value != trained_with[name]:
+                raise UserError(f"{out_dir / 'ckpt.pt'} was trained with --{name} {trained_with[name]}, not --{name} "
+                                f"{value}: drop the flag to resume it, or train into a new --out_dir")
     settings = {**TRAIN_DEFAULTS, **saved, **given, "out_dir": str(out_dir)}
     vocab_size = read_meta(settings["data_dir"])["vocab_size"]
     if ckpt is None:  # the vocabulary padded to a multiple of 64: faster matmuls
@@ -548,8 +548,6 @@ def parse_args(argv=None):
     elif ckpt["data_meta"]["vocab_size"] != vocab_size:
         raise UserError(f"checkpoint was trained on a {ckpt['data_meta']['vocab_size']}-token vocabulary but "
                         f"--data_dir has {vocab_size}: use data prepared with the same --vocab_size")
-    else:
-        config = Config(**ckpt["config"])
     # the values decided for this run, kept on --resume: its eval batches (so evals stay comparable) and compile
     device = pick_device(settings["device"])
     eval_tokens = settings["eval_tokens"] or (32_768 if device.type == "cpu" else 409_600)

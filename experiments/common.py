@@ -16,12 +16,9 @@ class ResultStore:
         self.done = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
             if self.path.exists() else []
 
-    def find(self, key):
-        return next((r for r in self.done if all(r.get(k) == v for k, v in key.items())), None)
-
     def get(self, key, compute):
         """(the run of key, whether it was read back): compute() makes it and it is stored when missing."""
-        found = self.find(key)
+        found = next((r for r in self.done if all(r.get(k) == v for k, v in key.items())), None)
         if found is not None:
             return found, True
         found = {**key, **compute()}

@@ -43,10 +43,10 @@ import numpy as np
 import torch
 
 import train
-from mixer import Config
-from experiments.common import best_of, ranking
 from cli import (COLOURS, MODEL_CHOICES, VARIANTS, WITHOUT_EFFECT, HelpFormatter, UserError, load_checkpoint, machine,
                  mean_and_range, pick_device, positive_float, positive_int, pyplot, run, variant_flags)
+from experiments.common import best_of, ranking
+from mixer import Config
 
 CURVE_FIELDS = ["arch", "point", "seed", "step", "tokens", "elapsed_s", "train_loss", "val_loss"]
 OWN_FLAGS = ("--max_minutes", "--resume")  # compare.py sets these itself for every run

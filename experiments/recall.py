@@ -185,9 +185,9 @@ def sweep(args, device):
         key = run_key(k["arch"], k["setting"], k["width"], k["lr"], args)
 
         def train_it(k=k):
-            nonlocal data
             if k["setting"] not in data:  # settings come in order: keep one setting's data at a time
-                data = {k["setting"]: datasets(k["setting"], args)}
+                data.clear()
+                data[k["setting"]] = datasets(k["setting"], args)
             return train_one(k["arch"], k["width"], k["lr"], data[k["setting"]], args, device)
 
         found, read_back = store.get(key, train_it)

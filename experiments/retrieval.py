@@ -117,10 +117,9 @@ class Runs:
                **{f: getattr(args, f) for f in ("warmup_iters", "weight_decay", "group", "temperature", "batch_size",
                                                 "candidates", "width", "n_layer")}}
         what = f"[{stage}] {method} {variant} (LM seed {lm_seed})" + (f" lr {lr:g}" if lr else "")
-        if self.store.find(key) is None:
-            print(f"{what}: training", flush=True)
 
         def train_it():
+            print(f"{what}: training", flush=True)
             started = time.time()
             return {**retrieval_run(method, path, lr, seed, self.data, args, self.device),
                     "seconds": time.time() - started}
