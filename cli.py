@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mixer import ARCHS, ATTN_IMPLS, MIXINGS, Config, Model
+from mixer import ARCHS, ATTN_IMPLS, MIXING_BIASES, MIXINGS, Config, Model
 
 
 class UserError(Exception):
@@ -106,8 +106,9 @@ def add_config_flags(parser, cls, title, set_defaults=False):
 
 # The model flags whose values are names, and the flags that mean nothing to an arch: given with it,
 # they are a mistake the user should hear about, not a silent no-op.
-MODEL_CHOICES = {"arch": ARCHS, "mixing": MIXINGS, "attn_impl": ATTN_IMPLS}
-WITHOUT_EFFECT = {"mixer": ("n_head", "attn_impl"), "transformer": ("mixer_heads", "mixing"), "hybrid": ()}
+MODEL_CHOICES = {"arch": ARCHS, "mixing": MIXINGS, "mixing_bias": MIXING_BIASES, "attn_impl": ATTN_IMPLS}
+WITHOUT_EFFECT = {"mixer": ("n_head", "attn_impl"), "transformer": ("mixer_heads", "mixing", "mixing_bias"),
+                  "hybrid": ()}
 
 
 def add_model_flags(parser, defaults=None, skip=("arch", "vocab_size", "causal"), title="model (mixer.Config)"):

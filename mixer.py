@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 ARCHS = ("mixer", "transformer", "hybrid")
 MIXINGS = ("full", "toeplitz")
+MIXING_BIASES = ("position", "head", "none")
 ATTN_IMPLS = ("sdpa", "eager")
 
 
@@ -33,6 +34,7 @@ class Config:
     n_head: int = 4             # attention heads (transformer, hybrid)
     mixer_heads: int = 1        # masked-mixing heads; 1 = the paper's flat mixer (no projections)
     mixing: str = "full"        # "full": a [T, T] matrix per head (the paper); "toeplitz": T weights per head
+    mixing_bias: str = "position"  # the mixing's bias b: one per head and position (the paper), one per head, or none
     dropout: float = 0.0
     bias: bool = False          # biases in Linear layers (the per-position mixing bias is always on)
     causal: bool = True         # False: unmasked, bidirectional mixing (retrieve.py's retrieval mixer)
@@ -50,6 +52,8 @@ class Config:
             raise ValueError(f"unknown attn_impl {self.attn_impl!r}: choose {' or '.join(ATTN_IMPLS)}")
         if self.mixing not in MIXINGS:
             raise ValueError(f"unknown mixing {self.mixing!r}: choose {' or '.join(MIXINGS)}")
+        if self.mixing_bias not in MIXING_BIASES:
+            raise ValueError(f"unknown mixing_bias {self.mixing_bias!r}: choose one of {', '.join(MIXING_BIASES)}")
         if not self.causal and (self.arch != "mixer" or self.mixing != "full"):
             raise ValueError("causal=False (bidirectional mixing) is only defined for arch 'mixer' with full mixing")
         for heads in ("n_head", "mixer_heads"):
@@ -92,7 +96,9 @@ class MaskedMixing(nn.Module):
         # concatenated heads are projected back. One head is the paper's flat mixer: no projections.
         self.proj_in = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
         self.proj_out = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if h > 1 else nn.Identity()
-        self.bias = nn.Parameter(torch.zeros(h, T, 1))  # one bias per head and output position
+        # b: one scalar per head and output position (the paper), one per head, or none
+        bias_rows = {"position": T, "head": 1, "none": 0}[config.mixing_bias]
+        self.bias = nn.Parameter(torch.zeros(h, bias_rows, 1)) if bias_rows else None
         # Init W = identity: each position starts by passing its own state through, so the network
         # begins as a per-token model and learns how much of the past to mix in. Measured on the
         # shared TinyStories slice (d64, 2 layers, T64, 150 steps): identity reached val loss 3.69,
@@ -110,7 +116,7 @@ class MaskedMixing(nn.Module):
         v = self.proj_in(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, h, T, dh]
         t0 = cached_length(cache, self)  # positions computed before this call (the generation cache)
         v = append_to_cache(cache, self, v)  # [B, h, t0 + T, dh]
-        y = self.tril_w_times(v, t0) + self.bias[:, t0 : t0 + T]  # rows t0 .. t0 + T - 1: [B, h, T, dh]
+        y = self.tril_w_times(v, t0) + self.bias_at(t0, T)  # rows t0 .. t0 + T - 1: [B, h, T, dh]
         return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
 
     def tril_w_times(self, v, t0):
@@ -128,6 +134,12 @@ class MaskedMixing(nn.Module):
         # W[i, j] = kernel[i - j], built densely in the op: equal to MaskedMatmul with that W
         # (test_toeplitz_matmul_is_the_full_mixer_with_a_toeplitz_matrix).
         return ToeplitzMatmul.apply(self.kernel, v, t0, T)
+
+    def bias_at(self, t0, T):
+        """b of positions t0 .. t0 + T - 1: [h, T, 1], [h, 1, 1] (one per head) or 0 (none)."""
+        if self.bias is None or self.bias.size(1) == 1:
+            return 0 if self.bias is None else self.bias
+        return self.bias[:, t0 : t0 + T]
 
     def matrix(self):
         """[h, T, T]: the masked mixing matrix each head applies (for mixing.py and the tests)."""
