@@ -114,13 +114,15 @@ class MaskedMixing(nn.Module):
     def forward(self, x, cache=None):
         B, T, C = x.shape
         v = self.proj_in(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, h, T, dh]
-        t0 = cached_length(cache, self)  # positions computed before this call (the generation cache)
-        v = append_to_cache(cache, self, v)  # [B, h, t0 + T, dh]
-        y = self.tril_w_times(v, t0) + self.bias_at(t0, T)  # rows t0 .. t0 + T - 1: [B, h, T, dh]
+        t0 = cache.length if cache else 0  # positions computed before this call (the generation cache)
+        if cache is not None:  # the inputs before x; a Toeplitz kernel reaches back block_size - 1 of them
+            v = cache.append(self, v, keep=self.kernel.size(1) - 1 if self.mixing == "toeplitz" else None)
+        y = self.tril_w_times(v, v.size(2) - T) + self.bias_at(t0, T)  # positions t0 .. t0 + T - 1: [B, h, T, dh]
         return self.proj_out(y.transpose(1, 2).reshape(B, T, C))
 
     def tril_w_times(self, v, t0):
         """Rows t0 .. t0 + T - 1 of tril(W) @ v, v [B, h, t0 + T, dh]: row t0 + i keeps columns <= t0 + i.
+        (For the Toeplitz mixer, column 0 is the oldest input the cache keeps, not always position 0.)
         Each kernel below builds W inside itself, so that autograd keeps no [h, T, T] copy per layer."""
         T = v.size(2) - t0
         if self.mixing == "full":
@@ -130,16 +132,19 @@ class MaskedMixing(nn.Module):
         if t0 == 0 and T >= fft_from(v):
             # W[i, j] = kernel[i - j], a long context at once: a convolution by FFT, equal to the dense
             # product (test_a_long_context_toeplitz_model_takes_the_fft_and_gives_the_same_logits).
-            return toeplitz_fft(self.kernel, v)
+            return ToeplitzFFT.apply(self.kernel, v)
         # W[i, j] = kernel[i - j], built densely in the op: equal to MaskedMatmul with that W
         # (test_toeplitz_matmul_is_the_full_mixer_with_a_toeplitz_matrix).
         return ToeplitzMatmul.apply(self.kernel, v, t0, T)
 
     def bias_at(self, t0, T):
-        """b of positions t0 .. t0 + T - 1: [h, T, 1], [h, 1, 1] (one per head) or 0 (none)."""
+        """b of positions t0 .. t0 + T - 1: [h, T, 1], [h, 1, 1] (one per head) or 0 (none). Past
+        block_size (the Toeplitz mixer) every position takes the last one's: its kernel's window of
+        block_size inputs is full, as theirs are."""
         if self.bias is None or self.bias.size(1) == 1:
             return 0 if self.bias is None else self.bias
-        return self.bias[:, t0 : t0 + T]
+        rows = torch.arange(t0, t0 + T, device=self.bias.device).clamp(max=self.bias.size(1) - 1)
+        return self.bias[:, rows]
 
     def matrix(self):
         """[h, T, T]: the masked mixing matrix each head applies (for mixing.py and the tests)."""
@@ -179,15 +184,17 @@ class Attention(nn.Module):
         """q, k, v [B, h, T, dh] of x [B, T, C] at positions t0.., q and k rotated by RoPE."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x [B, h, T, dh]
-        pos = slice(t0, t0 + T)
-        return apply_rope(q, self.cos[pos], self.sin[pos]), apply_rope(k, self.cos[pos], self.sin[pos]), v
+        cos, sin = self.cos, self.sin
+        if t0 + T > cos.size(0):  # past block_size: positions it never trained at (the same formula goes on)
+            cos, sin = (table.to(x.device) for table in rope_tables(C // self.n_head, t0 + T))
+        return apply_rope(q, cos[t0 : t0 + T], sin[t0 : t0 + T]), apply_rope(k, cos[t0 : t0 + T], sin[t0 : t0 + T]), v
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
-        t0 = cached_length(cache, (self, "k"))
+        t0 = cache.length if cache else 0
         q, k, v = self.queries_keys_values(x, t0)
-        k = append_to_cache(cache, (self, "k"), k)
-        v = append_to_cache(cache, (self, "v"), v)
+        if cache is not None:
+            k, v = cache.append((self, "k"), k), cache.append((self, "v"), v)
         # A causal mask aligned top-left is right for a prefill (t0 == 0); a cached decode step adds
         # one query that may see every key, so it needs no mask.
         assert t0 == 0 or T == 1, "cached attention extends one token at a time"
@@ -288,14 +295,18 @@ class Model(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden_states(self, idx, cache=None):
-        """Final normalised hidden states [B, T, n_embd] (the input to lm_head)."""
-        T = idx.size(1) + (next(iter(cache.values())).size(2) if cache else 0)  # cached + new positions
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}: "
-                             f"crop the input to the last {self.config.block_size} tokens")
+        """Final normalised hidden states [B, T, n_embd] (the input to lm_head). Past block_size only
+        where the mixing defines it: the Toeplitz mixer is a convolution (offsets past its kernel add
+        nothing), attention rotates by RoPE at positions it never trained at; the full mixer's W ends there."""
+        T = idx.size(1) + (cache.length if cache else 0)  # cached + new positions
+        if T > self.config.block_size and self.config.mixing == "full" and self.config.arch != "transformer":
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}, where the full "
+                             f"mixer's W ends: crop the input to the last {self.config.block_size} tokens")
         x = self.dropout(self.wte(idx))
         for block in self.blocks:
             x = block(x, cache)
+        if cache is not None:
+            cache.length += idx.size(1)
         return self.norm_out(x)
 
     def forward(self, idx, targets=None, cache=None):
@@ -325,14 +336,19 @@ class Model(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
         """Append max_new_tokens sampled tokens to idx [B, T]; temperature 0 is greedy. With use_cache each
         layer keeps its past inputs (mixer) or K and V (attention): a new token costs O(t). Past block_size
-        the context is cropped to the last block_size tokens (nanoGPT) and the window recomputed."""
-        cache = {}
+        the context is cropped to the last block_size tokens (nanoGPT) and the window recomputed, except
+        with use_cache in the Toeplitz mixer, which streams: each layer keeps its last block_size inputs,
+        so a token costs O(block_size) at any length and equals the whole sequence's forward (a deeper
+        layer sees further back than the crop's block_size tokens)."""
+        streams = use_cache and self.config.arch == "mixer" and self.config.mixing == "toeplitz"
+        cache = Cache()
         for _ in range(max_new_tokens):
-            if cache and idx.size(1) <= self.config.block_size:
+            if cache and (streams or idx.size(1) <= self.config.block_size):
                 logits, _ = self(idx[:, -1:], cache=cache)
             else:
-                cache = {}
-                logits, _ = self(idx[:, -self.config.block_size:], cache=cache if use_cache else None)
+                cache = Cache()
+                context = idx if streams else idx[:, -self.config.block_size:]
+                logits, _ = self(context, cache=cache if use_cache else None)
             logits = logits[:, -1, :].float()
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
@@ -411,9 +427,13 @@ def offsets(t0, T, S, device):
 
 def toeplitz(kernel, t0, T, S):
     """Rows t0 .. t0 + T - 1 of the masked Toeplitz matrix of kernel [h, L]: [h, T, S], entry (t, s)
-    = kernel[t0 + t - s] on and below the diagonal, 0 above it."""
+    = kernel[t0 + t - s] where 0 <= t0 + t - s < L, 0 elsewhere (above the diagonal, past the kernel)."""
     k = offsets(t0, T, S, kernel.device)
-    return kernel[:, k.clamp(min=0)] * (k >= 0)
+    return kernel[:, k.clamp(0, kernel.size(1) - 1)] * in_kernel(k, kernel)
+
+
+def in_kernel(k, kernel):  # [T, S] bool: which offsets k the kernel [h, L] covers
+    return (k >= 0) & (k < kernel.size(1))
 
 
 class ToeplitzMatmul(torch.autograd.Function):
@@ -433,8 +453,8 @@ class ToeplitzMatmul(torch.autograd.Function):
         S = v.size(2)
         grad_w, grad_v = matmul_grads(toeplitz(kernel, ctx.t0, ctx.T, S).to(grad_y.dtype), v, grad_y)
         k = offsets(ctx.t0, ctx.T, S, kernel.device)
-        below = k >= 0  # [T, S]
-        grad_kernel = torch.zeros_like(kernel, dtype=grad_w.dtype).index_add_(1, k[below], grad_w[:, below])
+        live = in_kernel(k, kernel)  # [T, S]
+        grad_kernel = torch.zeros_like(kernel, dtype=grad_w.dtype).index_add_(1, k[live], grad_w[:, live])
         return grad_kernel.to(kernel.dtype), grad_v.to(v.dtype), None, None
 
 
@@ -448,25 +468,47 @@ def fft_from(v):  # the threshold for the dtype the product of v [B, h, S, dh] r
     return FFT_FROM.get(str(dtype).removeprefix("torch."), FFT_FROM["float32"])
 
 
-def toeplitz_fft(kernel, v):
+class ToeplitzFFT(torch.autograd.Function):
     """toeplitz(kernel) @ v for the whole context at once (rows 0 .. S - 1), as a causal convolution by
-    FFT: O(S log S) instead of O(S^2), zero-padded to 2S so nothing wraps around. In float32 (the
-    CPU's FFT has no bf16); autograd saves only O(S) spectra."""
-    S = v.size(2)
+    FFT: O(S log S) instead of O(S^2). In float32 (the CPU's FFT has no bf16). Like the dense kernels it
+    saves only the kernel and v, and the backward computes their spectra again: autograd would keep
+    complex float32 spectra of v, more than the dense product saves (RESULTS.md section 3)."""
+
+    @staticmethod
+    def forward(ctx, kernel, v):
+        ctx.save_for_backward(kernel, v)
+        return fft_convolve(kernel, v, v.size(2)).to(v.dtype)  # [B, h, S, dh]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        kernel, v = ctx.saved_tensors
+        S, g = v.size(2), grad_y.float()
+        # grad_v[s] = sum_t k[t - s] g[t] and grad_k[m] = sum_t g[t] v[t - m]: correlations, by conjugate spectra
+        grad_v = fft_convolve(kernel, g, S, conj=True)
+        n = 2 * S
+        spectra = torch.fft.rfft(g, n=n, dim=2) * torch.fft.rfft(v.float(), n=n, dim=2).conj()  # [B, h, n/2 + 1, dh]
+        grad_k = torch.fft.irfft(spectra.sum((0, 3)), n=n, dim=1)[:, : kernel.size(1)]  # [h, min(S, L)]
+        grad_kernel = torch.zeros_like(kernel)
+        grad_kernel[:, : grad_k.size(1)] = grad_k
+        return grad_kernel, grad_v.to(v.dtype)
+
+
+def fft_convolve(kernel, v, S, conj=False):
+    """The first S outputs of kernel [h, L] convolved along v [B, h, S, dh]'s time axis (conj: correlated),
+    zero-padded to 2S so that nothing wraps around."""
     n = 2 * S
     spectrum = torch.fft.rfft(kernel[:, :S].float(), n=n).unsqueeze(-1)  # [h, n/2 + 1, 1]
-    y = torch.fft.irfft(spectrum * torch.fft.rfft(v.float(), n=n, dim=2), n=n, dim=2)[:, :, :S]
-    return y.to(v.dtype)  # [B, h, S, dh]
+    spectrum = spectrum.conj() if conj else spectrum
+    return torch.fft.irfft(spectrum * torch.fft.rfft(v.float(), n=n, dim=2), n=n, dim=2)[:, :, :S]
 
 
-# Generation cache: one dict per model; each module keeps its past [B, h, t, dh] under its own keys.
-def cached_length(cache, key):
-    return cache[key].size(2) if cache and key in cache else 0
+class Cache(dict):
+    """The generation cache of one batch of sequences: each module's past inputs (mixing) or keys and
+    values (attention) [B, h, t, dh] under its own keys, and length, the positions computed so far."""
+    length = 0
 
-
-def append_to_cache(cache, key, new):
-    """Concatenate new [B, h, T_new, dh] onto cache[key] along time and return the whole."""
-    if cache is None:
-        return new
-    cache[key] = torch.cat([cache[key], new], dim=2) if key in cache else new
-    return cache[key]
+    def append(self, key, new, keep=None):
+        """self[key] then new [B, h, T, dh] along time, returned whole; the last `keep` positions stay (None: all)."""
+        whole = torch.cat([self[key], new], dim=2) if key in self else new
+        self[key] = whole if keep is None else whole[:, :, max(0, whole.size(2) - keep):]
+        return whole

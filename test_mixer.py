@@ -138,17 +138,24 @@ def test_toeplitz_under_bf16_autocast_and_the_fft_path_agree_with_float32_dense(
     grad_y = torch.randn(3, 2, 64, 8, generator=g)
     dense = mixer.ToeplitzMatmul.apply(kernel, v, 0, 64)
     reference = (dense, *torch.autograd.grad(dense, (kernel, v), grad_y))
-    fft = mixer.toeplitz_fft(kernel, v)
+    fft = mixer.ToeplitzFFT.apply(kernel, v)
     for a, b in zip(reference, (fft, *torch.autograd.grad(fft, (kernel, v), grad_y))):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = mixer.ToeplitzMatmul.apply(kernel, v.bfloat16(), 0, 64)
-        low_fft = mixer.toeplitz_fft(kernel, v.bfloat16())
+        low_fft = mixer.ToeplitzFFT.apply(kernel, v.bfloat16())
     for y in (low, low_fft):  # bf16's precision (about 3 digits), whatever the CPU's rounding
         assert y.dtype == torch.bfloat16
         assert (y.float() - dense).abs().max() < 0.05 * dense.abs().max()
     for a, b in zip(torch.autograd.grad(low.float(), (kernel, v), grad_y), reference[1:]):
         assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def count_fft_calls(monkeypatch):
+    """A list that grows by one for each call of the FFT convolution."""
+    calls, fft = [], mixer.ToeplitzFFT.apply
+    monkeypatch.setattr(mixer.ToeplitzFFT, "apply", lambda *args: calls.append(1) or fft(*args))
+    return calls
 
 
 def test_a_long_context_toeplitz_model_takes_the_fft_and_gives_the_same_logits(monkeypatch):
@@ -157,11 +164,10 @@ def test_a_long_context_toeplitz_model_takes_the_fft_and_gives_the_same_logits(m
     with torch.no_grad():
         dense, _ = model(idx)
         monkeypatch.setattr(mixer, "FFT_FROM", {"float32": 8, "bfloat16": 8})  # "long" from 8 tokens on
-        calls = []
-        monkeypatch.setattr(mixer, "toeplitz_fft", lambda k, v, fft=mixer.toeplitz_fft: calls.append(1) or fft(k, v))
+        calls = count_fft_calls(monkeypatch)
         by_fft, _ = model(idx)
         assert len(calls) == 2 and torch.allclose(dense, by_fft, atol=1e-5)
-        cache = {}  # the cache extends one row at a time: dense rows, the same logits
+        cache = mixer.Cache()  # the cache extends one row at a time: dense rows, the same logits
         stepwise = torch.cat([model(idx[:, t : t + 1], cache=cache)[0] for t in range(16)], dim=1)
     assert len(calls) == 2 and torch.allclose(stepwise, by_fft, atol=1e-5)
 
@@ -173,8 +179,7 @@ def test_the_fft_threshold_follows_the_dtype_the_product_runs_in(amx, avx512_bf1
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(mixer, "FFT_FROM", {"float32": 8, "bfloat16": 16})  # small, to run a tiny model
-    calls = []
-    monkeypatch.setattr(mixer, "toeplitz_fft", lambda k, v, fft=mixer.toeplitz_fft: calls.append(1) or fft(k, v))
+    calls = count_fft_calls(monkeypatch)
     cpu = torch.device("cpu")
     ctx, dtype = cli.autocast(cpu, "auto")
     model = tiny_model("toeplitz")  # block_size 16
@@ -250,7 +255,7 @@ def test_compiled_model_with_the_generation_cache_equals_eager():
     model = tiny_model("hybrid")
     compiled = torch.compile(model)
     idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
-    cache = {}
+    cache = mixer.Cache()
     with torch.no_grad():
         full, _ = model(idx)
         steps = [compiled(idx[:, :5], cache=cache)[0]] + [compiled(idx[:, t : t + 1], cache=cache)[0] for t in (5, 6, 7)]
@@ -271,37 +276,102 @@ def test_eager_attention_equals_sdpa(arch):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
 
 
+def longest_input(variant):
+    """The Toeplitz mixer (a convolution) and attention (RoPE) run past block_size 16; the full mixer's W ends there."""
+    full_mixing = VARIANTS[variant]["arch"] != "transformer" and VARIANTS[variant].get("mixing", "full") == "full"
+    return 16 if full_mixing else 40
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_short_input_equals_prefix_of_long_input(variant):
     model = tiny_model(variant)
-    idx = torch.randint(0, 256, (3, 16))
+    idx = torch.randint(0, 256, (3, longest_input(variant)))
     with torch.no_grad():
         full, _ = model(idx)
         short, _ = model(idx[:, :7])
+        block, _ = model(idx[:, :16])
     assert short.shape == (3, 7, 256)
-    assert torch.allclose(short, full[:, :7], atol=1e-5)
+    assert torch.allclose(short, full[:, :7], atol=1e-5) and torch.allclose(block, full[:, :16], atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_logits_equal_full_forward(variant):
     model = tiny_model(variant)
-    idx = torch.randint(0, 256, (2, 16))
-    cache = {}
+    idx = torch.randint(0, 256, (2, longest_input(variant)))
+    cache = mixer.Cache()
     with torch.no_grad():
         full, _ = model(idx)
         steps = [model(idx[:, :5], cache=cache)[0]]  # prefill 5, then one token at a time
-        steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, 16)]
+        steps += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(5, idx.size(1))]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+STREAMS = ("toeplitz", "toeplitz-2head")  # generate() streams the Toeplitz mixer past block_size; the others crop
+
+
+def greedy_by_whole_forward(model, idx, new_tokens):
+    for _ in range(new_tokens):
+        idx = torch.cat([idx, model(idx)[0][:, -1:].argmax(-1)], dim=1)
+    return idx
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_generation_matches_recomputation_past_block_size(variant):
+    """The Toeplitz mixer streams: the whole sequence's forward, however long. The others crop to the
+    last block_size tokens, as generating without the cache does."""
     model = tiny_model(variant)
     prompt = torch.randint(0, 256, (2, 3))
-    cached = model.generate(prompt, max_new_tokens=30, temperature=0)  # 33 > block_size 16: crops
-    recomputed = model.generate(prompt, max_new_tokens=30, temperature=0, use_cache=False)
+    cached = model.generate(prompt, max_new_tokens=30, temperature=0)  # 33 > block_size 16
+    with torch.no_grad():
+        recomputed = (greedy_by_whole_forward(model, prompt, 30) if variant in STREAMS else
+                      model.generate(prompt, max_new_tokens=30, temperature=0, use_cache=False))
     assert cached.shape == (2, 33)
     assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("variant", STREAMS)
+def test_streaming_keeps_block_size_inputs_and_equals_the_whole_forward_four_blocks_long(variant):
+    model = tiny_model(variant)  # block_size 16
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    cache = mixer.Cache()
+    with torch.no_grad():
+        whole, _ = model(idx)
+        steps = [model(idx[:, :20], cache=cache)[0]]  # a prompt longer than the block, then a token at a time
+        for t in range(20, 64):
+            steps.append(model(idx[:, t : t + 1], cache=cache)[0])
+            assert all(past.size(2) == 15 for past in cache.values())  # O(block_size) per token at any length
+    assert cache.length == 64 and torch.allclose(torch.cat(steps, dim=1), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("mixing_bias", mixer.MIXING_BIASES)
+def test_toeplitz_mixing_past_block_size_is_the_convolution_truncated_at_the_kernel_plus_the_last_bias(
+        mixing_bias, monkeypatch):
+    """The reference that streaming equals: y_t = sum_{m <= min(t, L - 1)} k[m] x_{t - m} + b_{min(t, L - 1)},
+    by the dense kernel and by the FFT, in values and gradients, at 4 x block_size."""
+    L = 8
+    layer = MaskedMixing(Config(block_size=L, n_embd=4, mixing="toeplitz", mixing_bias=mixing_bias))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(2, 4 * L, 4, requires_grad=True)
+    k, b = layer.kernel[0], layer.bias[0, :, 0] if layer.bias is not None else torch.zeros(1)
+    expected = torch.stack([sum(k[m] * x[:, t - m] for m in range(min(t + 1, L))) + b[min(t, b.numel() - 1)]
+                            for t in range(4 * L)], dim=1)
+    grad_y = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (x, layer.kernel), grad_y)
+    for fft_from in (10**9, 1):  # dense, then the FFT
+        monkeypatch.setattr(mixer, "FFT_FROM", {"float32": fft_from})
+        y = layer(x)
+        assert torch.allclose(y, expected, atol=1e-4)
+        assert all(torch.allclose(a, e, atol=1e-4) for a, e in zip(torch.autograd.grad(y, (x, layer.kernel), grad_y), want))
+
+
+def test_a_checkpoint_from_before_mixing_bias_loads_with_the_bias_per_position(tmp_path):
+    model = tiny_model("toeplitz")
+    config = {name: value for name, value in vars(model.config).items() if name != "mixing_bias"}
+    loaded = cli.model_from_checkpoint({"config": config, "model": model.state_dict()}, tmp_path / "ckpt.pt")
+    idx = torch.randint(0, 256, (1, 16))
+    assert loaded.config.mixing_bias == "position" and torch.equal(loaded(idx)[0], model(idx)[0])
 
 
 def test_sampling_is_seeded_and_respects_top_k():

@@ -8,6 +8,7 @@ a training step needs. --arch names mixer.py's archs and "toeplitz", the mixer w
     python -m experiments.bench --memory --arch all --sweep_block_size 512,1024,2048,4096   # memory, the paper's B1 setting
     python -m experiments.bench --modes float32,bfloat16,float32+compile,bfloat16+compile --repeats 5   # dtype x compile
     python -m experiments.bench --toeplitz --sweep_block_size 128,256,512,1024,2048,4096   # Toeplitz mixing: dense vs FFT
+    python -m experiments.bench --stream --gen_lengths 128,256 --repeats 3   # generation past block_size
 
 Speed defaults: a paper-scale model on CUDA (d1024, 8 layers, T512, bf16), a small one on the CPU.
 Each timing is the median of --steps steps after --warmup untimed ones. Prints markdown tables.
@@ -20,8 +21,13 @@ Attention archs are measured with both attention kernels: sdpa (fused, what you 
 materialised [T, T] softmax, what the paper's transformer used).
 
 --toeplitz times the Toeplitz mixing alone, forward + backward, built as a dense [T, T] matrix
-(mixer.ToeplitzMatmul) and as an FFT convolution (mixer.toeplitz_fft), in interleaved rounds:
+(mixer.ToeplitzMatmul) and as an FFT convolution (mixer.ToeplitzFFT), in interleaved rounds:
 mixer.FFT_FROM, the context length from which the model takes the FFT, comes from this table.
+
+--stream times generation past the context: 4 x block_size new tokens (block_size from --gen_lengths),
+Model.generate with its cache (the Toeplitz mixer streams, O(block_size) a token; the others crop to
+the last block_size tokens and fill the cache again, a window's forward a token) against
+use_cache=False (nanoGPT's crop and recompute), in --repeats interleaved rounds.
 """
 import argparse
 import dataclasses
@@ -162,7 +168,7 @@ def bench_toeplitz(args, device):
 
         def fft():
             with ctx:
-                y = mixer.toeplitz_fft(kernel, v)
+                y = mixer.ToeplitzFFT.apply(kernel, v)
             y.backward(torch.ones_like(y))
 
         results[T] = {"dense": [], "fft": []}
@@ -195,6 +201,34 @@ def bench_generate(config, context, args, device):
             tokens[use_cache] = model.generate(prompt, new, temperature=0, use_cache=use_cache)
         speed[use_cache] = new / median_seconds(generate, max(1, args.steps // 3), 1, device)
     return speed[True], speed[False], torch.equal(tokens[True], tokens[False])
+
+
+def bench_stream(config, args, device):
+    """Tokens/s of greedy generation of 4 x block_size tokens from one token, generate() with its cache
+    against crop-and-recompute (use_cache=False): ([cached per round], [recomputed per round])."""
+    torch.manual_seed(0)
+    model = Model(config).to(device).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    new = 4 * config.block_size
+    speeds = {True: [], False: []}
+    for _ in range(args.repeats):
+        for use_cache in (True, False):
+            seconds = median_seconds(lambda: model.generate(prompt, new, temperature=0, use_cache=use_cache), 1, 0, device)
+            speeds[use_cache].append(new / seconds)
+    return speeds[True], speeds[False]
+
+
+def print_stream_table(archs, base, args, device):
+    print("| arch | block_size | new tokens | generate() | tokens/s | crop-and-recompute tokens/s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for T in args.gen:
+        for arch in archs:
+            config = variant(base, arch, block_size=T)
+            cached, recomputed = bench_stream(config, args, device)
+            how = "streams" if name_of(config) == "toeplitz" else "crops"
+            ratios = [c / r for c, r in zip(cached, recomputed)]
+            print(f"| {arch} | {T} | {4 * T} | {how} | {mean_and_range(cached, ',.0f')} | "
+                  f"{mean_and_range(recomputed, ',.0f')} | {mean_and_range(ratios, '.1f')}x |", flush=True)
 
 
 def training_memory(config, args, device):
@@ -302,6 +336,8 @@ def parse_args(argv):
     p.add_argument("--memory", action="store_true", help="count training memory instead of timing")
     p.add_argument("--toeplitz", action="store_true", help="time the Toeplitz mixing op, dense against FFT, at each "
                                                            "--sweep_block_size (batch, n_embd and dtype as given)")
+    p.add_argument("--stream", action="store_true", help="time generation of 4 x block_size tokens past the context, "
+                                                         "at each --gen_lengths block size (see above)")
     p.add_argument("--json", action="store_true", help="--memory: also one JSON object per row")
     add_model_flags(p, defaults={"vocab_size": 8192}, skip=("arch", "causal", "attn_impl", "mixing"),
                     title="model (mixer.Config; n_embd, n_layer, block_size default by device and mode, see above)")
@@ -312,7 +348,8 @@ def parse_args(argv):
     p.add_argument("--modes", help="comma-separated DTYPE or DTYPE+compile, e.g. float32,bfloat16,bfloat16+compile: "
                                    "one interleaved training-speed table of every arch in every mode (replaces the "
                                    "other tables)")
-    p.add_argument("--repeats", type=positive_int, default=3, help="--modes: interleaved rounds (speed-up spread)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="--modes, --toeplitz, --stream: interleaved rounds "
+                                                                   "(speed-up spread)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_dtype_flag(p)
     p.add_argument("--gen_lengths", default="128,512", help="context lengths for the generation benchmark ('' skips)")
@@ -354,6 +391,11 @@ def bench(args):
         print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, batch {args.batch_size}, n_embd "
               f"{args.n_embd}; median of {args.steps} steps per round, {args.repeats} interleaved rounds\n")
         print_toeplitz_table(bench_toeplitz(args, device))
+        return
+    if args.stream:
+        print(f"device: {name}, float32 (generate runs without autocast), d{args.n_embd}, "
+              f"{args.n_layer} layers, batch 1; {args.repeats} interleaved rounds, mean (min-max)\n")
+        print_stream_table(archs, base, args, device)
         return
     if args.modes:
         print(f"device: {name}, batch {args.batch_size}, d{args.n_embd}, {args.n_layer} layers, T{args.block_size}, "

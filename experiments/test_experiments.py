@@ -15,7 +15,8 @@ import torch
 
 import cli
 import train
-from experiments import bench, common, compare, mixing, recall, represent, retrieval
+from experiments import bench, common, compare, length, mixing, recall, represent, retrieval
+import mixer
 from mixer import Config, Model
 from test_mixer import (CKPT, TINY_RUN, assert_one_clear_line, read_log, run_main, run_train, synthetic_pairs, tiny_model,
                         write_jsonl)
@@ -65,6 +66,14 @@ def test_memory_json_rows_and_what_they_count(capsys):
         assert r["activation_mb"] > 0 and r["cuda_peak_mb"] is None
 
 
+def test_bench_stream_times_generation_past_the_block_for_every_arch(capsys):
+    bench.main(["--stream", "--gen_lengths", "8", "--n_embd", "16", "--n_layer", "1", "--vocab_size", "64",
+                "--repeats", "2"])
+    rows = re.findall(r"^\| (\w+) \| 8 \| 32 \| (streams|crops) \| [\d,]+ \([\d,]+-[\d,]+\) \| [\d,]+ \([\d,]+-[\d,]+\) \| "
+                      r"[\d.]+ \([\d.]+-[\d.]+\)x \|$", capsys.readouterr().out, re.M)
+    assert rows == [("mixer", "crops"), ("toeplitz", "streams"), ("transformer", "crops"), ("hybrid", "crops")]
+
+
 def test_bench_toeplitz_times_dense_and_fft_in_rounds(capsys):
     bench.main(["--toeplitz", "--sweep_block_size", "16,32", "--n_embd", "8", "--batch_size", "2", "--repeats", "2",
                 "--steps", "1", "--warmup", "1"])
@@ -91,6 +100,16 @@ def test_memory_measurement_frees_the_model_and_its_graph():
         bench.Model = original
     gc.collect()
     assert len(weights) == 1 and weights[0]() is None, "the measured model's weights are still alive: a leak"
+
+
+def test_the_toeplitz_fft_saves_no_more_than_the_dense_mixer(monkeypatch):
+    """Its backward recomputes the spectra: it keeps the kernel and the input, as the dense product does."""
+    calls, fft = [], mixer.ToeplitzFFT.apply
+    monkeypatch.setattr(mixer.ToeplitzFFT, "apply", lambda *args: calls.append(1) or fft(*args))
+    monkeypatch.setattr(mixer, "FFT_FROM", {"float32": 64})
+    for T in (64, 256):
+        assert activation_mb("mixer", T, mixing="toeplitz") <= activation_mb("mixer", T)
+    assert len(calls) == 4  # 2 layers at each T: the FFT was measured
 
 
 def test_mixer_activations_grow_linearly_with_context():
@@ -641,3 +660,34 @@ def test_float16_trains_with_the_loss_scaler_in_every_experiment(script, scaler_
         bench.main(["--arch", "mixer", "--modes", "float16", "--repeats", "1", "--steps", "1", "--warmup", "1",
                     "--n_embd", "32", "--n_layer", "1", "--block_size", "16", "--batch_size", "2"])
     assert len(scaler_updates) >= 3 and all(scaler_updates)
+
+
+# ---------------------------------------------------------------------------------------- length.py
+
+def test_loss_against_position_past_the_trained_context(prepared, tmp_path, capsys):
+    """Windows of 3 x T: the Toeplitz mixer and the transformer have a whole curve past T, the full mixer
+    stops at T; cropped positions are each a forward of the last T tokens; before T the two ways agree."""
+    paths = []
+    for arch, extra in (("toeplitz", ["--arch", "mixer", "--mixing", "toeplitz"]), ("mixer", ["--arch", "mixer"]),
+                        ("transformer", ["--arch", "transformer"])):
+        out = tmp_path / f"{arch}-seed1"
+        run_train("--data_dir", prepared, "--out_dir", out, *TINY_RUN, "--max_iters", 2, *extra)
+        paths.append(out / "ckpt.pt")
+    out = tmp_path / "length"
+    length.main(["--ckpt", *map(str, paths), "--factor", "3", "--windows", "4", "--bin", "4", "--out_dir", str(out)])
+    rows = list(csv.DictReader(open(out / "losses.csv")))
+    T = int(rows[0]["block_size"])
+    curves = {label: [(float(r["whole_loss"]), float(r["crop_loss"])) for r in rows if r["label"] == label]
+              for label in ("toeplitz", "mixer", "transformer")}
+    for label, curve in curves.items():
+        assert len(curve) == 3 * T and all(w == c for w, c in curve[: T - 1])
+        assert all(np.isfinite(c) for _, c in curve)
+        past = [w for w, _ in curve[T:]]
+        assert all(np.isnan(past)) if label == "mixer" else all(np.isfinite(past))
+    model = cli.load_model(paths[0])[0]  # the Toeplitz mixer's crop at the last position, by hand
+    window = length.draw_windows(train.load_data(prepared)[0]["val"].tokens, 3 * T, 4, 0)
+    losses = [torch.nn.functional.cross_entropy(model(w[None, 2 * T : 3 * T])[0][0, -1], w[-1]) for w in window]
+    assert curves["toeplitz"][-1][1] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-4)
+    table = (out / "table.md").read_text()
+    assert re.search(r"^\| mixer \| \d+ \| whole \| [\d.]+ \| - \| - \|$", table, re.M)
+    assert re.search(r"^\| toeplitz \| \d+ \| crop \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)

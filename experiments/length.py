@@ -1,0 +1,175 @@
+"""
+Val loss against position, past the context a model was trained at (the picture of ALiBi, Press et al.
+2022, figure 1): does a model use a longer context than it trained on, or break on it?
+
+    python -m experiments.length --ckpt out-compare/*/ckpt.pt                    # 4 x each model's block_size
+    python -m experiments.length --ckpt a/ckpt.pt b/ckpt.pt --factor 2 --windows 64 --out_dir out-length
+
+Each model reads --windows windows of factor x T + 1 val tokens (T: its block_size; the same windows
+for every model of one T, packed text as train.py's packed layout), two ways:
+  whole   the window in one forward, where the arch defines it: the Toeplitz mixer as a convolution
+          (offsets past its kernel add nothing; past T each position takes the bias of position T - 1),
+          attention by RoPE at positions it never trained at. The full mixer's W (and the hybrid's with
+          it) ends at T: its whole curve stops there.
+  crop    position p >= T with the last T tokens as its context, as Model.generate crops past T
+          (nanoGPT): what every arch can do. Before T nothing is cropped: the same as whole.
+Loss at position p is the mean cross-entropy of predicting token p + 1 from tokens 0..p.
+Runs named ARCH-seedS (experiments.compare's folders) are averaged over their seeds, with the spread.
+--out_dir gets losses.csv (every checkpoint, every position), table.md (mean loss per band of T
+positions) and length.png (needs matplotlib).
+"""
+import argparse
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cli import (HelpFormatter, Progress, UserError, load_checkpoint, mean_and_range, model_from_checkpoint, positive_int,
+                 pyplot, run)
+from train import load_data
+
+
+def label_of(path):
+    """The run's name without its seed: out/toeplitz-seed1338/ckpt.pt -> toeplitz."""
+    return re.sub(r"-seed\d+$", "", Path(path).parent.name) or str(path)
+
+
+def reaches_past_block(model):  # the whole window is defined: a convolution or RoPE (mixer.Model.hidden_states)
+    return model.config.mixing == "toeplitz" or model.config.arch == "transformer"
+
+
+def draw_windows(tokens, length, count, seed):
+    """[count, length + 1] windows of the val tokens at random places (the same for the same seed)."""
+    if len(tokens) <= length:
+        raise UserError(f"the val split has {len(tokens)} tokens, fewer than a window of {length + 1}: lower --factor")
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - length, size=count)
+    return torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int64))
+
+
+@torch.no_grad()
+def whole_losses(model, windows, batch_size):
+    """[length]: mean loss at each position, each window in one forward."""
+    total = torch.zeros(windows.size(1) - 1)
+    for batch in windows.split(batch_size):
+        logits, _ = model(batch[:, :-1])
+        total += F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none").sum(0)
+    return total / len(windows)
+
+
+@torch.no_grad()
+def crop_losses(model, windows, batch_size):
+    """[length - T + 1]: mean loss at positions T - 1 .. length - 1, each from its last T tokens only."""
+    T = model.config.block_size
+    total = 0.0
+    for window in windows:
+        contexts = window[:-1].unfold(0, T, 1)  # [length - T + 1, T]: the T tokens ending at each position
+        last = torch.cat([model.hidden_states(rows)[:, -1] for rows in contexts.split(batch_size)])  # [P, d]
+        total = total + F.cross_entropy(model.lm_head(last).float(), window[T:], reduction="none")
+    return total / len(windows)
+
+
+def measure(paths, args):
+    """{path: (block_size, whole [factor x T] with NaN past T where undefined, crop [factor x T])}."""
+    results, progress = {}, Progress(log_every=30)
+    for n, path in enumerate(paths):
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, path).eval()
+        T = model.config.block_size
+        data_dir = args.data_dir or ckpt.get("train_args", {}).get("data_dir")
+        if data_dir is None:
+            raise UserError(f"{path} does not say which data it was trained on: give --data_dir")
+        splits, _ = load_data(data_dir)
+        windows = draw_windows(splits["val"].tokens, args.factor * T, args.windows, args.seed)
+        progress.update(f"[{n + 1}/{len(paths)}] {path}: whole windows")
+        whole = whole_losses(model, windows if reaches_past_block(model) else windows[:, : T + 1], args.batch_size)
+        whole = torch.cat([whole, torch.full((args.factor * T - len(whole),), math.nan)])
+        progress.update(f"[{n + 1}/{len(paths)}] {path}: cropped contexts")
+        crop = torch.cat([whole[: T - 1], crop_losses(model, windows, args.batch_size)])
+        results[path] = (T, whole, crop)
+    progress.done(f"measured {len(paths)} checkpoints")
+    return results
+
+
+def band_table(results, factor):
+    """Markdown: per label, the mean loss over each band of T positions, whole and cropped (mean (min-max) over seeds)."""
+    labels = sorted({label_of(p) for p in results}, key=list(map(label_of, results)).index)
+    head = [f"{b}T-{b + 1}T" for b in range(factor)]
+    lines = ["| model | T | way | " + " | ".join(head) + " |", "|---|---|---|" + "---|" * factor]
+    for label in labels:
+        runs = [results[p] for p in results if label_of(p) == label]
+        T = runs[0][0]
+        for way, index in (("whole", 1), ("crop", 2)):
+            cells = []
+            for b in range(factor):
+                means = [r[index][b * T : (b + 1) * T].nanmean().item() for r in runs]
+                cells.append("-" if any(math.isnan(m) for m in means) else mean_and_range(means, ".3f"))
+            lines.append(f"| {label} | {T} | {way} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(results, path):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "label", "block_size", "position", "whole_loss", "crop_loss"])
+        for ckpt, (T, whole, crop) in results.items():
+            for p, (w, c) in enumerate(zip(whole.tolist(), crop.tolist())):
+                writer.writerow([ckpt, label_of(ckpt), T, p, f"{w:.5f}", f"{c:.5f}"])
+
+
+def plot(results, path, bin_size):
+    plt = pyplot(path, "the numbers are in losses.csv and table.md")
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    labels = sorted({label_of(p) for p in results}, key=list(map(label_of, results)).index)
+    for i, label in enumerate(labels):
+        runs = [results[p] for p in results if label_of(p) == label]
+        for way, index, style in (("whole", 1, "-"), ("crop", 2, ":")):
+            curve = torch.stack([r[index] for r in runs]).mean(0)  # mean over seeds
+            n = len(curve) // bin_size * bin_size
+            binned = curve[:n].view(-1, bin_size).mean(1)  # NaN where a bin holds an undefined position
+            centres = torch.arange(len(binned)) * bin_size + (bin_size - 1) / 2
+            if not binned.isnan().all():
+                ax.plot(centres, binned, style, color=f"C{i}", label=f"{label} ({way}, {len(runs)} seeds)")
+    for T in {r[0] for r in results.values()}:
+        ax.axvline(T, color="grey", lw=0.8)
+    ax.set_xlabel(f"position (mean of bins of {bin_size}); grey: the trained context T")
+    ax.set_ylabel("val loss")
+    ax.set_title("Val loss against position, past the trained context")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def length(args):
+    paths = [str(p) for p in args.ckpt]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = measure(paths, args)
+    table = band_table(results, args.factor)
+    print(table)
+    (out / "table.md").write_text(f"{table}\n")
+    write_csv(results, out / "losses.csv")
+    plot(results, out / "length.png", args.bin)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoints written by train.py")
+    p.add_argument("--factor", type=positive_int, default=4, help="windows of factor x each model's block_size")
+    p.add_argument("--windows", type=positive_int, default=128, help="val windows per model")
+    p.add_argument("--data_dir", help="default: the one each checkpoint was trained on")
+    p.add_argument("--batch_size", type=positive_int, default=32)
+    p.add_argument("--bin", type=positive_int, default=8, help="positions per point of the picture")
+    p.add_argument("--seed", type=int, default=0, help="where the windows are drawn")
+    p.add_argument("--out_dir", default="out-length")
+    run("experiments.length", length, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
