@@ -487,7 +487,7 @@ class ToeplitzFFT(torch.autograd.Function):
         grad_v = fft_convolve(kernel, g, S, conj=True)
         n = 2 * S
         spectra = torch.fft.rfft(g, n=n, dim=2) * torch.fft.rfft(v.float(), n=n, dim=2).conj()  # [B, h, n/2 + 1, dh]
-        grad_k = torch.fft.irfft(spectra.sum((0, 3)), n=n, dim=1)[:, : kernel.size(1)]  # [h, min(S, L)]
+        grad_k = torch.fft.irfft(spectra.sum((0, 3)), n=n, dim=1)[:, : min(S, kernel.size(1))]  # offsets 0 .. S - 1
         grad_kernel = torch.zeros_like(kernel)
         grad_kernel[:, : grad_k.size(1)] = grad_k
         return grad_kernel, grad_v.to(v.dtype)

@@ -344,19 +344,20 @@ def test_streaming_keeps_block_size_inputs_and_equals_the_whole_forward_four_blo
 
 
 @pytest.mark.parametrize("mixing_bias", mixer.MIXING_BIASES)
+@pytest.mark.parametrize("length", [32, 5], ids=["4-blocks", "shorter-than-the-block"])
 def test_toeplitz_mixing_past_block_size_is_the_convolution_truncated_at_the_kernel_plus_the_last_bias(
-        mixing_bias, monkeypatch):
+        mixing_bias, length, monkeypatch):
     """The reference that streaming equals: y_t = sum_{m <= min(t, L - 1)} k[m] x_{t - m} + b_{min(t, L - 1)},
-    by the dense kernel and by the FFT, in values and gradients, at 4 x block_size."""
+    by the dense kernel and by the FFT, in values and gradients, at 4 x block_size (and inside the block)."""
     L = 8
     layer = MaskedMixing(Config(block_size=L, n_embd=4, mixing="toeplitz", mixing_bias=mixing_bias))
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_()
-    x = torch.randn(2, 4 * L, 4, requires_grad=True)
+    x = torch.randn(2, length, 4, requires_grad=True)
     k, b = layer.kernel[0], layer.bias[0, :, 0] if layer.bias is not None else torch.zeros(1)
     expected = torch.stack([sum(k[m] * x[:, t - m] for m in range(min(t + 1, L))) + b[min(t, b.numel() - 1)]
-                            for t in range(4 * L)], dim=1)
+                            for t in range(length)], dim=1)
     grad_y = torch.randn_like(expected)
     want = torch.autograd.grad(expected, (x, layer.kernel), grad_y)
     for fft_from in (10**9, 1):  # dense, then the FFT
