@@ -344,12 +344,12 @@ class Model(nn.Module):
         cache = Cache()
         for _ in range(max_new_tokens):
             if cache and (streams or idx.size(1) <= self.config.block_size):
-                logits, _ = self(idx[:, -1:], cache=cache)
+                h = self.hidden_states(idx[:, -1:], cache)
             else:
                 cache = Cache()
                 context = idx if streams else idx[:, -self.config.block_size:]
-                logits, _ = self(context, cache=cache if use_cache else None)
-            logits = logits[:, -1, :].float()
+                h = self.hidden_states(context, cache if use_cache else None)
+            logits = self.lm_head(h[:, -1]).float()  # [B, vocab]: the last position's only (nanoGPT)
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:

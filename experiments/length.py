@@ -14,13 +14,14 @@ for every model of one T, packed text as train.py's packed layout), two ways:
   crop    position p >= T with the last T tokens as its context, as Model.generate crops past T
           (nanoGPT): what every arch can do. Before T nothing is cropped: the same as whole.
 Loss at position p is the mean cross-entropy of predicting token p + 1 from tokens 0..p.
-Runs named ARCH-seedS (experiments.compare's folders) are averaged over their seeds, with the spread.
+Runs in folders NAME-seedS (experiments.compare's) are averaged over their seeds, with the spread.
 --out_dir gets losses.csv (every checkpoint, every position), table.md (mean loss per band of T
 positions) and length.png (needs matplotlib).
 """
 import argparse
 import csv
 import math
+import os
 import re
 from pathlib import Path
 
@@ -33,9 +34,21 @@ from cli import (HelpFormatter, Progress, UserError, load_checkpoint, mean_and_r
 from train import load_data
 
 
-def label_of(path):
-    """The run's name without its seed: out/toeplitz-seed1338/ckpt.pt -> toeplitz."""
-    return re.sub(r"-seed\d+$", "", Path(path).parent.name) or str(path)
+def labels_of(paths):
+    """{path: its run's folder without the seed, below the folders every run shares}: the seeds of one run
+    share a label (out/T128/toeplitz-seed1338/ckpt.pt and out/T512/... -> T128/toeplitz and T512/...)."""
+    runs = [Path(p).resolve().parent for p in paths]
+    names = [run.parent / re.sub(r"-seed\d+$", "", run.name) for run in runs]
+    shared = Path(os.path.commonpath(names)) if len(set(names)) > 1 else names[0].parent
+    return {path: str(name.relative_to(shared)) for path, name in zip(paths, names)}
+
+
+def by_label(results, labels):
+    """[(label, [its checkpoints' results])] in the order the checkpoints were given."""
+    groups = {}
+    for path, result in results.items():
+        groups.setdefault(labels[path], []).append(result)
+    return list(groups.items())
 
 
 def reaches_past_block(model):  # the whole window is defined: a convolution or RoPE (mixer.Model.hidden_states)
@@ -94,13 +107,11 @@ def measure(paths, args):
     return results
 
 
-def band_table(results, factor):
+def band_table(results, labels, factor):
     """Markdown: per label, the mean loss over each band of T positions, whole and cropped (mean (min-max) over seeds)."""
-    labels = sorted({label_of(p) for p in results}, key=list(map(label_of, results)).index)
     head = [f"{b}T-{b + 1}T" for b in range(factor)]
     lines = ["| model | T | way | " + " | ".join(head) + " |", "|---|---|---|" + "---|" * factor]
-    for label in labels:
-        runs = [results[p] for p in results if label_of(p) == label]
+    for label, runs in by_label(results, labels):
         T = runs[0][0]
         for way, index in (("whole", 1), ("crop", 2)):
             cells = []
@@ -111,23 +122,21 @@ def band_table(results, factor):
     return "\n".join(lines)
 
 
-def write_csv(results, path):
+def write_csv(results, labels, path):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["checkpoint", "label", "block_size", "position", "whole_loss", "crop_loss"])
         for ckpt, (T, whole, crop) in results.items():
             for p, (w, c) in enumerate(zip(whole.tolist(), crop.tolist())):
-                writer.writerow([ckpt, label_of(ckpt), T, p, f"{w:.5f}", f"{c:.5f}"])
+                writer.writerow([ckpt, labels[ckpt], T, p, f"{w:.5f}", f"{c:.5f}"])
 
 
-def plot(results, path, bin_size):
+def plot(results, labels, path, bin_size):
     plt = pyplot(path, "the numbers are in losses.csv and table.md")
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
-    labels = sorted({label_of(p) for p in results}, key=list(map(label_of, results)).index)
-    for i, label in enumerate(labels):
-        runs = [results[p] for p in results if label_of(p) == label]
+    for i, (label, runs) in enumerate(by_label(results, labels)):
         for way, index, style in (("whole", 1, "-"), ("crop", 2, ":")):
             curve = torch.stack([r[index] for r in runs]).mean(0)  # mean over seeds
             n = len(curve) // bin_size * bin_size
@@ -150,12 +159,12 @@ def length(args):
     paths = [str(p) for p in args.ckpt]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = measure(paths, args)
-    table = band_table(results, args.factor)
+    results, labels = measure(paths, args), labels_of(paths)
+    table = band_table(results, labels, args.factor)
     print(table)
     (out / "table.md").write_text(f"{table}\n")
-    write_csv(results, out / "losses.csv")
-    plot(results, out / "length.png", args.bin)
+    write_csv(results, labels, out / "losses.csv")
+    plot(results, labels, out / "length.png", args.bin)
 
 
 def main(argv=None):
