@@ -21,7 +21,6 @@ positions) and length.png (needs matplotlib).
 import argparse
 import csv
 import math
-import os
 import re
 from pathlib import Path
 
@@ -35,12 +34,15 @@ from train import load_data
 
 
 def labels_of(paths):
-    """{path: its run's folder without the seed, below the folders every run shares}: the seeds of one run
-    share a label (out/T128/toeplitz-seed1338/ckpt.pt and out/T512/... -> T128/toeplitz and T512/...)."""
-    runs = [Path(p).resolve().parent for p in paths]
-    names = [run.parent / re.sub(r"-seed\d+$", "", run.name) for run in runs]
-    shared = Path(os.path.commonpath(names)) if len(set(names)) > 1 else names[0].parent
-    return {path: str(name.relative_to(shared)) for path, name in zip(paths, names)}
+    """{path: its run's folder without the seed}, with as many parent folders as it takes to tell the runs
+    apart: the seeds of one run share a label (a/T128/toeplitz-seed1338/ckpt.pt, b/T512/toeplitz-seed1338/ckpt.pt
+    -> T128/toeplitz, T512/toeplitz)."""
+    names = [Path(p).absolute().parent for p in paths]
+    names = [name.parent / re.sub(r"-seed\d+$", "", name.name) for name in names]
+    for depth in range(1, max(len(name.parts) for name in names) + 1):
+        labels = ["/".join(name.parts[-depth:]) for name in names]
+        if len(set(labels)) == len(set(names)):
+            return dict(zip(paths, labels))
 
 
 def by_label(results, labels):
@@ -131,25 +133,34 @@ def write_csv(results, labels, path):
                 writer.writerow([ckpt, labels[ckpt], T, p, f"{w:.5f}", f"{c:.5f}"])
 
 
+def binned(curve, bin_size):
+    """(bin centres, the mean of each bin of bin_size positions); NaN where a bin holds an undefined position."""
+    n = len(curve) // bin_size * bin_size
+    return torch.arange(n // bin_size) * bin_size + (bin_size - 1) / 2, curve[:n].view(-1, bin_size).mean(1)
+
+
 def plot(results, labels, path, bin_size):
+    """Top: loss against position, whole (solid) and cropped (dotted). Bottom: whole minus cropped, what
+    the context past T changes; the same windows for every model, so the text's ups and downs cancel."""
     plt = pyplot(path, "the numbers are in losses.csv and table.md")
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8), sharex=True, height_ratios=(3, 2))
     for i, (label, runs) in enumerate(by_label(results, labels)):
-        for way, index, style in (("whole", 1, "-"), ("crop", 2, ":")):
-            curve = torch.stack([r[index] for r in runs]).mean(0)  # mean over seeds
-            n = len(curve) // bin_size * bin_size
-            binned = curve[:n].view(-1, bin_size).mean(1)  # NaN where a bin holds an undefined position
-            centres = torch.arange(len(binned)) * bin_size + (bin_size - 1) / 2
-            if not binned.isnan().all():
-                ax.plot(centres, binned, style, color=f"C{i}", label=f"{label} ({way}, {len(runs)} seeds)")
+        whole, crop = (torch.stack([r[index] for r in runs]).mean(0) for index in (1, 2))  # mean over seeds
+        top.plot(*binned(whole, bin_size), "-", color=f"C{i}", label=f"{label} ({len(runs)} seeds)")
+        top.plot(*binned(crop, bin_size), ":", color=f"C{i}")
+        if not whole.isnan().all():
+            bottom.plot(*binned(whole - crop, bin_size), "-", color=f"C{i}")
     for T in {r[0] for r in results.values()}:
-        ax.axvline(T, color="grey", lw=0.8)
-    ax.set_xlabel(f"position (mean of bins of {bin_size}); grey: the trained context T")
-    ax.set_ylabel("val loss")
-    ax.set_title("Val loss against position, past the trained context")
-    ax.legend(fontsize=8)
+        for ax in (top, bottom):
+            ax.axvline(T, color="grey", lw=0.8)
+    bottom.axhline(0, color="black", lw=0.5)
+    top.set_ylabel("val loss (solid: whole window, dotted: cropped to T)")
+    bottom.set_ylabel("whole - cropped")
+    bottom.set_xlabel(f"position (mean of bins of {bin_size}); grey: the trained context T")
+    top.set_title("Val loss against position, past the trained context")
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
