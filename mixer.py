@@ -85,7 +85,8 @@ class MaskedMixing(nn.Module):
     mixing "full" (the paper): W is a learned [T, T] matrix per head (T = block_size); W[i, j] is
     specific to positions i and j, so no positional encoding is needed. mixing "toeplitz" (the
     author's follow-up): W[i, j] = k[i - j] from a learned kernel k of T weights per head, one weight
-    per offset: a causal convolution along the tokens. Both start as the identity.
+    per offset: a causal convolution along the tokens, so it runs at any length (offsets past the
+    kernel add nothing) and generation streams past T. Both start as the identity.
     """
 
     def __init__(self, config):
