@@ -295,12 +295,16 @@ class Model(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def runs_past_block_size(self):
+        """Whether the mixing defines inputs longer than block_size: the Toeplitz mixer is a convolution
+        (offsets past its kernel add nothing), attention rotates by RoPE at positions it never trained at;
+        the full mixer's W (the hybrid's too) ends at block_size."""
+        return self.config.mixing == "toeplitz" or self.config.arch == "transformer"
+
     def hidden_states(self, idx, cache=None):
-        """Final normalised hidden states [B, T, n_embd] (the input to lm_head). Past block_size only
-        where the mixing defines it: the Toeplitz mixer is a convolution (offsets past its kernel add
-        nothing), attention rotates by RoPE at positions it never trained at; the full mixer's W ends there."""
+        """Final normalised hidden states [B, T, n_embd] (the input to lm_head)."""
         T = idx.size(1) + (cache.length if cache else 0)  # cached + new positions
-        if T > self.config.block_size and self.config.mixing == "full" and self.config.arch != "transformer":
+        if T > self.config.block_size and not self.runs_past_block_size():
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}, where the full "
                              f"mixer's W ends: crop the input to the last {self.config.block_size} tokens")
         x = self.dropout(self.wte(idx))

@@ -53,10 +53,6 @@ def by_label(results, labels):
     return list(groups.items())
 
 
-def reaches_past_block(model):  # the whole window is defined: a convolution or RoPE (mixer.Model.hidden_states)
-    return model.config.mixing == "toeplitz" or model.config.arch == "transformer"
-
-
 def draw_windows(tokens, length, count, seed):
     """[count, length + 1] windows of the val tokens at random places (the same for the same seed)."""
     if len(tokens) <= length:
@@ -100,7 +96,7 @@ def measure(paths, args):
         splits, _ = load_data(data_dir)
         windows = draw_windows(splits["val"].tokens, args.factor * T, args.windows, args.seed)
         progress.update(f"[{n + 1}/{len(paths)}] {path}: whole windows")
-        whole = whole_losses(model, windows if reaches_past_block(model) else windows[:, : T + 1], args.batch_size)
+        whole = whole_losses(model, windows if model.runs_past_block_size() else windows[:, : T + 1], args.batch_size)
         whole = torch.cat([whole, torch.full((args.factor * T - len(whole),), math.nan)])
         progress.update(f"[{n + 1}/{len(paths)}] {path}: cropped contexts")
         crop = torch.cat([whole[: T - 1], crop_losses(model, windows, args.batch_size)])
