@@ -142,8 +142,10 @@ class MaskedMixing(nn.Module):
         """b of positions t0 .. t0 + T - 1: [h, T, 1], [h, 1, 1] (one per head) or 0 (none). Past
         block_size (the Toeplitz mixer) every position takes the last one's: its kernel's window of
         block_size inputs is full, as theirs are."""
-        if self.bias is None or self.bias.size(1) == 1:
-            return 0 if self.bias is None else self.bias
+        if self.bias is None:
+            return 0
+        if self.bias.size(1) == 1:  # one per head: the same at every position
+            return self.bias
         rows = torch.arange(t0, t0 + T, device=self.bias.device).clamp(max=self.bias.size(1) - 1)
         return self.bias[:, rows]
 
@@ -482,29 +484,32 @@ class ToeplitzFFT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, v):
         ctx.save_for_backward(kernel, v)
-        return fft_convolve(kernel, v, v.size(2)).to(v.dtype)  # [B, h, S, dh]
+        S = v.size(2)
+        y = first_of_inverse(spectrum(kernel, S, dim=1).unsqueeze(-1) * spectrum(v, S, dim=2), S, dim=2)
+        return y.to(v.dtype)  # [B, h, S, dh]
 
     @staticmethod
     def backward(ctx, grad_y):
         kernel, v = ctx.saved_tensors
-        S, g = v.size(2), grad_y.float()
-        # grad_v[s] = sum_t k[t - s] g[t] and grad_k[m] = sum_t g[t] v[t - m]: correlations, by conjugate spectra
-        grad_v = fft_convolve(kernel, g, S, conj=True)
-        n = 2 * S
-        spectra = torch.fft.rfft(g, n=n, dim=2) * torch.fft.rfft(v.float(), n=n, dim=2).conj()  # [B, h, n/2 + 1, dh]
-        grad_k = torch.fft.irfft(spectra.sum((0, 3)), n=n, dim=1)[:, : min(S, kernel.size(1))]  # offsets 0 .. S - 1
+        S = v.size(2)
+        # y[t] = sum_m k[m] v[t - m], so grad_v[s] = sum_t k[t - s] g[t] and grad_k[m] = sum_t g[t] v[t - m]:
+        # correlations, products with a conjugate spectrum
+        g = spectrum(grad_y, S, dim=2)  # [B, h, S + 1, dh]
+        grad_v = first_of_inverse(spectrum(kernel, S, dim=1).unsqueeze(-1).conj() * g, S, dim=2)
+        grad_k = first_of_inverse((g * spectrum(v, S, dim=2).conj()).sum((0, 3)), S, dim=1)  # [h, S]: offsets 0 .. S - 1
         grad_kernel = torch.zeros_like(kernel)
-        grad_kernel[:, : grad_k.size(1)] = grad_k
+        grad_kernel[:, :S] = grad_k[:, : kernel.size(1)]
         return grad_kernel, grad_v.to(v.dtype)
 
 
-def fft_convolve(kernel, v, S, conj=False):
-    """The first S outputs of kernel [h, L] convolved along v [B, h, S, dh]'s time axis (conj: correlated),
-    zero-padded to 2S so that nothing wraps around."""
-    n = 2 * S
-    spectrum = torch.fft.rfft(kernel[:, :S].float(), n=n).unsqueeze(-1)  # [h, n/2 + 1, 1]
-    spectrum = spectrum.conj() if conj else spectrum
-    return torch.fft.irfft(spectrum * torch.fft.rfft(v.float(), n=n, dim=2), n=n, dim=2)[:, :, :S]
+def spectrum(x, S, dim):
+    """rfft of x's first S entries along dim, in float32, zero-padded to 2S: a product of two such spectra
+    is a convolution that does not wrap around."""
+    return torch.fft.rfft(x.narrow(dim, 0, min(S, x.size(dim))).float(), n=2 * S, dim=dim)
+
+
+def first_of_inverse(product, S, dim):  # the first S entries of the inverse of a product of spectrum()s
+    return torch.fft.irfft(product, n=2 * S, dim=dim).narrow(dim, 0, S)
 
 
 class Cache(dict):
