@@ -48,6 +48,8 @@ GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
 MEMORY_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=1)
 MB = 2**20
+
+
 def variant(base, name, **changes):
     return dataclasses.replace(base, **VARIANTS[name], **changes)
 
@@ -101,7 +103,7 @@ def bench_train(config, args, device):
     return {"params": model.num_params(), "non_embedding": model.num_params(non_embedding=True),
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * model.flops_per_token() / peak if peak else None,
-            "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+            "peak_mem_mb": torch.cuda.max_memory_allocated(device) / MB if device.type == "cuda" else None}
 
 
 def bench_modes(base, archs, args, device):
