@@ -18,8 +18,8 @@ import train
 from experiments import bench, common, compare, length, mixing, recall, represent, retrieval
 import mixer
 from mixer import Config, Model
-from test_mixer import (CKPT, TINY_RUN, assert_one_clear_line, read_log, run_main, run_train, synthetic_pairs, tiny_model,
-                        write_jsonl)
+from test_mixer import (CKPT, TINY_RUN, assert_one_clear_line, count_fft_calls, read_log, run_main, run_train,
+                        synthetic_pairs, tiny_model, write_jsonl)
 from test_mixer import prepared, scaler_updates, workspace  # noqa: F401  (fixtures)
 
 
@@ -104,8 +104,7 @@ def test_memory_measurement_frees_the_model_and_its_graph():
 
 def test_the_toeplitz_fft_saves_no_more_than_the_dense_mixer(monkeypatch):
     """Its backward recomputes the spectra: it keeps the kernel and the input, as the dense product does."""
-    calls, fft = [], mixer.ToeplitzFFT.apply
-    monkeypatch.setattr(mixer.ToeplitzFFT, "apply", lambda *args: calls.append(1) or fft(*args))
+    calls = count_fft_calls(monkeypatch)
     monkeypatch.setattr(mixer, "FFT_FROM", {"float32": 64})
     for T in (64, 256):
         assert activation_mb("mixer", T, mixing="toeplitz") <= activation_mb("mixer", T)
