@@ -369,7 +369,8 @@ class Model(nn.Module):
         return idx
 
     def make_optimizer(self, lr, weight_decay, device):
-        """AdamW; weight decay on matrices only (the [T, T] mixing weights included), not on norms/biases."""
+        """AdamW; weight decay on every parameter of 2 or more dims (matrices, the mixing's W or kernel, and its
+        bias [h, T, 1] too), not on norms or Linear biases."""
         decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
