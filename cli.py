@@ -442,13 +442,14 @@ def machine(device=None):
 
 
 def cpu_model():
+    """The CPU's model name and, from /proc/cpuinfo, its family and model numbers: a VM's name alone
+    ("AMD EPYC") does not tell the generations apart (family 25: Zen 3 or Zen 4, by model; 26: Zen 5)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError, ValueError):
+        return platform.processor() or platform.machine()
 
 
 def mean_and_range(values, fmt):

@@ -3,18 +3,28 @@ What the experiments share: one resumable store of finished runs, one rule for e
 and one rule for what the seeds allow us to say about the archs' order.
 """
 import json
+import os
 import statistics
 from pathlib import Path
 
 
 class ResultStore:
     """results.jsonl in a folder: every finished run, one line each, keyed by all that sets its result.
-    A run found there is read back, not run again, so an interrupted experiment continues where it stopped."""
+    A run found there is read back, not run again, so an interrupted experiment continues where it stopped.
+    Each line is written whole and synced to disk; a line cut off by a kill while it was written is
+    reported, left where it is, and its run done again."""
 
     def __init__(self, folder):
         self.path = Path(folder) / "results.jsonl"
-        self.done = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] \
-            if self.path.exists() else []
+        self.done, cut_off = [], 0
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                self.done.append(json.loads(line))
+            except json.JSONDecodeError:
+                cut_off += 1
+        if cut_off:
+            print(f"{self.path}: {cut_off} line(s) cut off by an interrupted write (left as they are): "
+                  "their runs are done again", flush=True)
 
     def get(self, key, compute):
         """(the run of key, whether it was read back): compute() makes it and it is stored when missing."""
@@ -22,10 +32,21 @@ class ResultStore:
         if found is not None:
             return found, True
         found = {**key, **compute()}
-        with open(self.path, "a") as f:  # one line per finished run: an interrupted experiment keeps each one
-            f.write(json.dumps(found) + "\n")
-        self.done.append(found)
+        self.append(found)
         return found, False
+
+    def append(self, row):
+        """One line, whole: a single write in append mode (after a newline if a cut-off line ends the
+        file), then synced, so a kill leaves every earlier row intact."""
+        line = json.dumps(row) + "\n"
+        with open(self.path, "ab+") as f:  # writes go to the end whatever the position
+            end = f.seek(0, os.SEEK_END)
+            if end and f.seek(end - 1) is not None and f.read(1) != b"\n":
+                line = "\n" + line
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.append(row)
 
 
 def best_of(results, group, score, higher_is_better=False):

@@ -1,0 +1,504 @@
+"""
+How each architecture learns as training goes on: val loss against tokens seen, and the loss that a
+run of each budget B reaches, for several budgets from one run per arch and seed.
+
+    python -m experiments.curves --archs mixer toeplitz transformer --block_size 128 --batch_size 16 \
+        --lr mixer=3e-2 toeplitz=3e-2 transformer=3e-3 --seeds 2 --n_embd 128 --n_layer 4 \
+        --n_head 4 --data_dir data/sample8192 --out_dir out-curves/T128
+    python -m experiments.curves --predict out-curves/T128 out-curves/T512    # for this machine
+    python -m experiments.curves --predict out-curves/T128 --tokens_per_s mixer=3500 transformer=3200
+    python -m experiments.curves --summary out-curves/T128 out-curves/T512 --out_dir out-curves
+
+The schedule is warmup-stable-decay (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
+Beyond Fixed Training Durations"): a linear warmup, then a constant lr (the stable run). At each
+budget B (--budgets, millions of tokens) a cooldown branches off the stable run at (1 - --cooldown) x B
+and takes the lr linearly to 0 by B: what a run of exactly B tokens reaches, for 20% more tokens per
+budget, where a cosine schedule would need a whole run per budget (its early points are not what a
+shorter run reaches: it has not decayed yet). --cosine_check B trains cosine runs of B tokens for the
+first arch, on the same seeds, to show that the two agree.
+
+Each arch trains at the lr --lr gives it. An arch given several (--lr mixer=1e-2,3e-3) is selected on
+--seed by val loss at the largest budget, and the best lr is confirmed on --seeds fresh seeds (--seed
++ 1, ...); an arch given one lr (chosen elsewhere: RESULTS.md section 1) trains on the fresh seeds only.
+Every eval uses the same fixed windows of the train and val splits, for every arch, seed and budget.
+
+--out_dir holds one folder per run (stable.pt: the stable run, to resume), settings.json (what makes
+its results comparable: a rerun with other settings is refused), results.jsonl (every eval, one line
+each) and table.md. Run the same command again after an interruption: it continues where it stopped.
+Two commands with different --archs may share an --out_dir at once (one per core).
+
+--predict turns curves into equal-time verdicts for a machine: a machine sets only tokens per second,
+and the budget table gives the loss at any token count, so each arch's loss after M minutes there is
+its curve at M x 60 x tokens/s. Without --tokens_per_s it measures this machine's (about a minute).
+--summary writes the picture (one panel per context length) and the crossovers across --out_dirs.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import train
+from cli import (COLOURS, VARIANTS, WITHOUT_EFFECT, HelpFormatter, UserError, add_dtype_flag,
+                 add_model_flags, atomic_save, can_compile, compile_by_default, config_from_flags,
+                 load_checkpoint, machine, mean_and_range, mixed_precision, pick_device, positive_float,
+                 positive_int, pyplot, run, wrap)
+from experiments.common import ResultStore, ranking
+from mixer import Model
+
+EVAL_SEED = 0            # the eval windows: one fixed draw, the same for every arch, seed and budget
+FIRST_EVAL = 2**15       # tokens at the stable run's first eval; then EVALS_PER_DOUBLING evals per doubling
+EVALS_PER_DOUBLING = 2
+MINUTES = (3, 10, 30, 60)  # --predict's equal-time budgets
+
+
+class Job(NamedTuple):
+    """One training run: the stable run of an arch at an lr and seed, with its cooldown branches
+    (schedule "wsd"), or one cosine run of `budget` tokens (schedule "cosine", --cosine_check)."""
+    arch: str
+    lr: float
+    seed: int
+    schedule: str = "wsd"
+    budget: int = None
+
+    def folder(self, out_dir):
+        cosine = f"-cosine{self.budget / 1e6:g}M" if self.schedule == "cosine" else ""
+        return Path(out_dir) / f"{self.arch}-lr{self.lr:g}-seed{self.seed}{cosine}"
+
+    def key(self):
+        return {"arch": self.arch, "lr": self.lr, "seed": self.seed}
+
+
+# ---------------------------------------------------------------------------------------- the schedule
+
+def stable_lr(lr, step, warmup_iters):
+    """Warmup-stable: linear warmup over warmup_iters steps, then constant."""
+    return lr * min(1.0, (step + 1) / warmup_iters) if warmup_iters else lr
+
+
+def cooldown_lr(lr_from, i, steps):
+    """Step i of a cooldown of `steps` steps: linear from lr_from (the stable lr where it branches) to 0."""
+    return lr_from * (steps - i) / steps
+
+
+def budget_steps(budget, cooldown, tokens_per_step):
+    """(the step where the cooldown of a budget branches off, its cooldown steps): B tokens in all."""
+    total = max(1, round(budget / tokens_per_step))
+    steps = max(1, round(cooldown * total))
+    return total - steps, steps
+
+
+def stable_eval_steps(last_step, tokens_per_step):
+    """The stable run's evals: log-spaced in tokens from FIRST_EVAL, and its last step."""
+    steps, k = set(), 0
+    while (step := round(FIRST_EVAL * 2 ** (k / EVALS_PER_DOUBLING) / tokens_per_step)) < last_step:
+        steps.add(max(step, 1))
+        k += 1
+    return steps | {last_step}
+
+
+# ---------------------------------------------------------------------------------------- a run
+
+@dataclasses.dataclass
+class Setup:
+    """What every run of one command shares: settings, data, fixed eval windows, the machine."""
+    args: argparse.Namespace
+    configs: dict            # {arch: mixer.Config}
+    splits: dict
+    eval_batches: dict       # {split: [(x, y), ...]}
+    device: torch.device
+    dtype: str
+    compile: bool
+    machine: str
+
+    @property
+    def tokens_per_step(self):
+        return self.args.batch_size * self.args.block_size
+
+
+@torch.no_grad()
+def evaluate(model, setup, ctx):
+    """{"train": loss, "val": loss} on the fixed eval windows."""
+    model.eval()
+    losses = {}
+    for split, batches in setup.eval_batches.items():
+        total = 0.0
+        for x, y in batches:
+            with ctx:
+                total += model(x, y)[1].item()
+        losses[split] = total / len(batches)
+    model.train()
+    return losses
+
+
+def fixed_eval_batches(splits, block_size, batch_size, eval_iters, device):
+    rng = np.random.default_rng(EVAL_SEED)
+    return {name: [train.get_batch(split, block_size, batch_size, rng, device) for _ in range(eval_iters)]
+            for name, split in splits.items()}
+
+
+class Trainer:
+    """A model, its optimizer and its training windows' RNG, stepped at a given lr."""
+
+    def __init__(self, job, setup):
+        self.setup, self.job = setup, job
+        torch.manual_seed(job.seed)
+        self.model = Model(setup.configs[job.arch]).to(setup.device)
+        self.optimizer = self.model.make_optimizer(job.lr, setup.args.weight_decay, setup.device)
+        self.rng = np.random.default_rng(job.seed)
+        self.ctx, self.scaler, _ = mixed_precision(setup.device, setup.dtype)
+        self.compiled = wrap(self.model, setup.compile, 1, setup.device)
+        self.step, self.train_s = 0, 0.0  # training seconds: evals and saves excluded
+
+    def train_step(self, lr):
+        setup = self.setup
+
+        def next_loss():
+            x, y = train.get_batch(setup.splits["train"], setup.args.block_size, setup.args.batch_size,
+                                   self.rng, setup.device)
+            return self.compiled(x, y)[1]
+        started = time.perf_counter()
+        try:
+            loss = train.train_step(self.optimizer, self.scaler, next_loss, lr, self.ctx, setup.args.grad_clip)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compile failed: this run trains eager
+            print(f"compile: failed ({str(e).splitlines()[0][:100]}); training eager", flush=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.compiled = self.model
+            loss = train.train_step(self.optimizer, self.scaler, next_loss, lr, self.ctx, setup.args.grad_clip)
+        if self.step > 0:  # the first step compiles: not training time
+            self.train_s += time.perf_counter() - started
+        self.step += 1
+        return loss
+
+    def eval_row(self, lr, **fields):
+        losses = evaluate(self.model, self.setup, self.ctx)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise UserError(f"{self.job.arch} lr {self.job.lr:g} seed {self.job.seed}: loss {losses} at step "
+                            f"{self.step}: the lr is too high for this arch")
+        return {"step": self.step, "tokens": self.step * self.setup.tokens_per_step, "train": losses["train"],
+                "val": losses["val"], "lr_now": lr, "train_s": round(self.train_s, 3),
+                "params": self.model.num_params(), "machine": self.setup.machine, "dtype": self.setup.dtype,
+                **fields}
+
+    def save(self, path):
+        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                     "step": self.step, "train_s": self.train_s}, path)
+
+    def load(self, path):
+        ckpt = load_checkpoint(path, needs=("model", "optimizer", "rng", "step"))
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.rng.bit_generator.state = ckpt["rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.step, self.train_s = ckpt["step"], ckpt["train_s"]
+
+
+def train_wsd(job, setup, store):
+    """The stable run of job, evaluated at log-spaced token counts, with a cooldown branch off it at
+    each budget; every eval goes into the store as it is made. Resumes from the folder's stable.pt,
+    which is saved at every eval and before every branch."""
+    args = setup.args
+    folder = job.folder(args.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    branches = {}  # {step where it branches off: [(budget, cooldown steps), ...]}
+    for budget in args.budgets:
+        start, steps = budget_steps(budget, args.cooldown, setup.tokens_per_step)
+        branches.setdefault(start, []).append((budget, steps))
+    last_step = max(branches)
+    evals = stable_eval_steps(last_step, setup.tokens_per_step)
+    trainer = Trainer(job, setup)
+    ckpt = folder / "stable.pt"
+    if ckpt.exists():
+        trainer.load(ckpt)
+        print(f"  continuing from step {trainer.step} ({ckpt})", flush=True)
+    while True:
+        step, lr = trainer.step, stable_lr(job.lr, trainer.step, args.warmup_iters)
+        if step in evals or step in branches:
+            trainer.save(ckpt)
+        if step in evals:
+            row, done = store.get({**job.key(), "kind": "stable", "step": step}, lambda: trainer.eval_row(lr))
+            if not done:
+                say(job, row, "stable")
+        for budget, steps in branches.get(step, []):
+            row, done = store.get({**job.key(), "kind": "budget", "budget": budget},
+                                  lambda: cool_down(trainer, lr, steps, budget))
+            if not done:
+                say(job, row, f"budget {budget / 1e6:g}M")
+                trainer.load(ckpt)  # back to the stable run where the branch left it
+        if step >= last_step:
+            return
+        trainer.train_step(lr)
+        if trainer.step % args.log_interval == 0:
+            progress(job, trainer, lr)
+
+
+def cool_down(trainer, lr_from, steps, budget):
+    """The cooldown branch to `budget` tokens from where the trainer is; its eval row."""
+    for i in range(steps):
+        trainer.train_step(cooldown_lr(lr_from, i, steps))
+        if trainer.step % trainer.setup.args.log_interval == 0:
+            progress(trainer.job, trainer, cooldown_lr(lr_from, i, steps), f" (cooldown to {budget / 1e6:g}M)")
+    return trainer.eval_row(0.0, budget_tokens=budget)
+
+
+def train_cosine(job, setup, store):
+    """A cosine run of job.budget tokens (train.py's schedule: warmup, then cosine to 0.1 x lr), to set
+    beside the cooldown branch of the same budget. Short: no checkpoint, a killed one starts again."""
+    args = setup.args
+    total = max(1, round(job.budget / setup.tokens_per_step))
+    schedule = train.Schedule(job.lr, args.warmup_iters, 0.1, "cosine")
+    warmup_end = min(args.warmup_iters / total, 1.0)
+
+    def run_it():
+        trainer = Trainer(job, setup)
+        while trainer.step < total:
+            lr = schedule.lr_at(trainer.step / total, trainer.step, warmup_end)
+            trainer.train_step(lr)
+            if trainer.step % args.log_interval == 0:
+                progress(job, trainer, lr, " (cosine)")
+        return trainer.eval_row(schedule.lr_at(1.0, total, warmup_end), budget_tokens=job.budget)
+
+    row, done = store.get({**job.key(), "kind": "cosine", "budget": job.budget}, run_it)
+    if not done:
+        say(job, row, f"cosine {job.budget / 1e6:g}M")
+
+
+def say(job, row, what):
+    print(f"  {job.arch} lr {job.lr:g} seed {job.seed}, {what}: {row['tokens'] / 1e6:.3f}M tokens, "
+          f"train {row['train']:.4f}, val {row['val']:.4f}", flush=True)
+
+
+def progress(job, trainer, lr, what=""):
+    speed = trainer.step * trainer.setup.tokens_per_step / trainer.train_s if trainer.train_s else 0
+    print(f"  {job.arch} lr {job.lr:g} seed {job.seed}{what}: step {trainer.step}, "
+          f"{trainer.step * trainer.setup.tokens_per_step / 1e6:.2f}M tokens, lr {lr:.2e}, "
+          f"{speed:,.0f} tokens/s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- the experiment
+
+def jobs_and_selection(args, store):
+    """Train every run: for each arch given several lrs, the selection runs on --seed first and the
+    best lr (val loss at the largest budget) then; each arch's lr on the confirmation seeds."""
+    seeds = range(args.seed + 1, args.seed + 1 + args.seeds)
+    chosen = {}
+    for arch in args.archs:
+        lrs = args.lr[arch]
+        if len(lrs) > 1:
+            for lr in lrs:
+                yield Job(arch, lr, args.seed)
+            chosen[arch] = best_lr(store_rows(args.out_dir), arch, lrs, args.seed, max(args.budgets))
+            print(f"{arch}: lr {chosen[arch]:g} is best of {', '.join(f'{lr:g}' for lr in lrs)} on seed "
+                  f"{args.seed} at {max(args.budgets) / 1e6:g}M tokens", flush=True)
+        else:
+            chosen[arch] = lrs[0]
+    for seed in seeds:
+        for arch in args.archs:
+            yield Job(arch, chosen[arch], seed)
+    if args.cosine_check:
+        for seed in seeds:
+            yield Job(args.archs[0], chosen[args.archs[0]], seed, "cosine", args.cosine_check)
+
+
+def best_lr(rows, arch, lrs, seed, budget):
+    val = {r["lr"]: r["val"] for r in rows
+           if r["arch"] == arch and r["seed"] == seed and r["kind"] == "budget" and r["budget"] == budget}
+    return min(lrs, key=lambda lr: val[lr])
+
+
+def store_rows(out_dir):
+    """Every row of out_dir's results.jsonl, read now (another command may share the folder)."""
+    return ResultStore(out_dir).done
+
+
+def curves(args, command):
+    setup = make_setup(args)
+    store = ResultStore(args.out_dir)
+    print(f"{setup.machine}, {setup.dtype}" + (", compiled" if setup.compile else "") +
+          f"; {setup.tokens_per_step:,} tokens/step; budgets " +
+          ", ".join(f"{b / 1e6:g}M" for b in args.budgets) + f" (cooldown {args.cooldown:.0%} of each)", flush=True)
+    for n, job in enumerate(jobs_and_selection(args, store), 1):
+        print(f"[{n}] {job.arch} lr {job.lr:g} seed {job.seed}" +
+              (f", cosine to {job.budget / 1e6:g}M" if job.schedule == "cosine" else "") +
+              f" -> {job.folder(args.out_dir)}", flush=True)
+        (train_cosine if job.schedule == "cosine" else train_wsd)(job, setup, store)
+    write_table(args.out_dir, command)
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+def make_setup(args):
+    """Check everything before any training: settings against the folder's, the data, the models."""
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder: choose another --out_dir")
+    splits, meta = train.load_data(args.data_dir, "packed")
+    vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
+    model_flags = {name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name) is not None}
+    unused = [name for name in model_flags
+              if all(name in WITHOUT_EFFECT[VARIANTS[a]["arch"]] for a in args.archs)]
+    if unused:
+        raise UserError(f"--{unused[0]} has no effect on any of --archs {' '.join(args.archs)}: drop it")
+    configs = {}
+    for arch in args.archs:
+        applies = {k: v for k, v in model_flags.items() if k not in WITHOUT_EFFECT[VARIANTS[arch]["arch"]]}
+        configs[arch] = config_from_flags(argparse.Namespace(**applies), f"{arch}: invalid model settings",
+                                          **VARIANTS[arch], vocab_size=vocab_size, block_size=args.block_size)
+    settings = {"block_size": args.block_size, "batch_size": args.batch_size, "model": model_flags,
+                "vocab_size": vocab_size, "train_tokens": meta["tokens"]["train"],
+                "val_tokens": meta["tokens"]["val"], "budgets": args.budgets, "cooldown": args.cooldown,
+                "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay,
+                "grad_clip": args.grad_clip, "eval_iters": args.eval_iters, "seed": args.seed}
+    check_settings(out_dir, settings)
+    device = pick_device(args.device)
+    dtype = mixed_precision(device, args.dtype)[2]
+    compile = compile_by_default(device, args.dtype) if args.compile is None else args.compile
+    compile = compile and can_compile(device, print)
+    eval_batches = fixed_eval_batches(splits, args.block_size, args.batch_size, args.eval_iters, device)
+    return Setup(args, configs, splits, eval_batches, device, dtype, compile, machine(device))
+
+
+def check_settings(out_dir, settings):
+    """settings.json of out_dir: written on the first run, and every later run must match it."""
+    path = out_dir / "settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        differ = [k for k in settings if saved.get(k) != settings[k]]
+        if differ:
+            raise UserError(f"{out_dir} holds curves of other settings ({differ[0]}: {saved.get(differ[0])} there, "
+                            f"{settings[differ[0]]} here): use another --out_dir, or the same settings")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+MODEL_FIELDS = [f.name for f in dataclasses.fields(train.Config)
+                if f.name not in ("arch", "vocab_size", "causal", "block_size", "mixing")]
+
+
+def parse_lrs(specs, archs):
+    """{arch: [lr, ...]} from ARCH=LR[,LR...] specs, one per arch of --archs."""
+    lrs = {}
+    for spec in specs:
+        arch, eq, values = spec.partition("=")
+        if not eq or arch not in archs:
+            raise UserError(f"--lr {spec!r}: write ARCH=LR[,LR...] for an arch of --archs ({' '.join(archs)})")
+        try:
+            lrs[arch] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise UserError(f"--lr {spec!r}: {values!r} is not a list of numbers") from None
+        if not all(lr > 0 for lr in lrs[arch]) or len(set(lrs[arch])) < len(lrs[arch]):
+            raise UserError(f"--lr {spec!r}: each lr must be positive and given once")
+    missing = [arch for arch in archs if arch not in lrs]
+    if missing:
+        raise UserError(f"--lr: no lr for {missing[0]} (give ARCH=LR for each of --archs)")
+    return lrs
+
+
+def parse_budgets(text):
+    """Budgets in millions of tokens, increasing: 0.25,0.5,1 -> [250000, 500000, 1000000]."""
+    try:
+        budgets = [round(float(v) * 1e6) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers (millions of tokens)") from None
+    if not budgets or min(budgets) <= 0 or any(b >= c for b, c in zip(budgets, budgets[1:])):
+        raise argparse.ArgumentTypeError(f"{text}: budgets must be positive and increasing")
+    return budgets
+
+
+def cooldown_fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: a cooldown is a fraction of its budget, in (0, 1]; "
+                                         "longer than the budget it cannot be")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- the table
+
+def read_curves(out_dir):
+    """(settings, rows) of a curves folder."""
+    path = Path(out_dir) / "settings.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {out_dir} is not a curves folder (run python -m experiments.curves "
+                        f"... --out_dir {out_dir} first)")
+    return json.loads(path.read_text()), store_rows(out_dir)
+
+
+def confirmed(settings, rows):
+    """The rows of the runs that count: the WSD runs on the confirmation seeds (the selection seed's
+    runs only chose an lr, and the cosine runs are the check)."""
+    return [r for r in rows if r["seed"] != settings["seed"] and r["kind"] != "cosine"]
+
+
+def write_table(out_dir, command):
+    settings, rows = read_curves(out_dir)
+    lines = table_lines(settings, rows, command)
+    (Path(out_dir) / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def table_lines(settings, rows, command):
+    archs = [a for a in VARIANTS if any(r["arch"] == a for r in rows)]
+    runs = confirmed(settings, rows)
+    epoch = settings["train_tokens"]
+    lines = [f"# Loss curves at T = {settings['block_size']}", "", f"`{command}`" if command else "", "",
+             "Val loss that a run of each budget reaches (its cooldown branch), mean (min-max) over seeds:", "",
+             "| budget (M tokens) | epochs | " + " | ".join(archs) + " |", "|---|---|" + "---|" * len(archs)]
+    for budget in settings["budgets"]:
+        cells = []
+        for arch in archs:
+            vals = [r["val"] for r in runs if r["arch"] == arch and r["kind"] == "budget" and r["budget"] == budget]
+            cells.append(mean_and_range(vals, ".3f") if vals else "-")
+        lines.append(f"| {budget / 1e6:g} | {budget / epoch:.2f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--archs", nargs="+", choices=VARIANTS, default=["mixer", "toeplitz", "transformer"])
+    p.add_argument("--lr", nargs="+", metavar="ARCH=LR[,LR]", default=[],
+                   help="each arch's lr; several: selected on --seed, at the largest budget")
+    p.add_argument("--seeds", type=positive_int, default=2, help="confirmation seeds: --seed + 1, ...")
+    p.add_argument("--seed", type=int, default=1337, help="the selection seed (archs given several lrs)")
+    p.add_argument("--budgets", type=parse_budgets, default=parse_budgets("0.25,0.5,1,2,4"),
+                   help="millions of tokens, increasing (default 0.25,0.5,1,2,4)")
+    p.add_argument("--cooldown", type=cooldown_fraction, default=0.2, help="each budget's cooldown, a fraction of it")
+    p.add_argument("--cosine_check", type=lambda t: parse_budgets(t)[0], metavar="B",
+                   help="also cosine runs of B million tokens for the first arch, on the confirmation seeds")
+    p.add_argument("--block_size", type=positive_int, default=128)
+    p.add_argument("--batch_size", type=positive_int, default=16)
+    p.add_argument("--warmup_iters", type=int, default=100)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--eval_iters", type=positive_int, default=32, help="fixed batches per split and eval")
+    p.add_argument("--log_interval", type=positive_int, default=200)
+    p.add_argument("--data_dir", default="data/tinystories")
+    p.add_argument("--device", default="auto")
+    add_dtype_flag(p)
+    p.add_argument("--compile", type=lambda t: t.lower() in ("1", "true", "yes"), default=None)
+    p.add_argument("--out_dir", default="out-curves")
+    add_model_flags(p, skip=("arch", "vocab_size", "causal", "block_size", "mixing"))
+    args = p.parse_args(argv)
+    command = shlex.join(["python", "-m", "experiments.curves", *argv])
+
+    def start(args):
+        args.lr = parse_lrs(args.lr, args.archs)
+        return curves(args, command)
+    run("experiments.curves", start, args)
+
+
+if __name__ == "__main__":
+    main()
