@@ -353,7 +353,8 @@ def make_setup(args):
         applies = {k: v for k, v in model_flags.items() if k not in WITHOUT_EFFECT[VARIANTS[arch]["arch"]]}
         configs[arch] = config_from_flags(argparse.Namespace(**applies), f"{arch}: invalid model settings",
                                           **VARIANTS[arch], vocab_size=vocab_size, block_size=args.block_size)
-    settings = {"block_size": args.block_size, "batch_size": args.batch_size, "model": model_flags,
+    model = {name: model_flags.get(name, train.Config.__dataclass_fields__[name].default) for name in MODEL_FIELDS}
+    settings = {"block_size": args.block_size, "batch_size": args.batch_size, "model": model,
                 "vocab_size": vocab_size, "train_tokens": meta["tokens"]["train"],
                 "val_tokens": meta["tokens"]["val"], "budgets": args.budgets, "cooldown": args.cooldown,
                 "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay,
