@@ -7,9 +7,8 @@ import argparse
 
 import torch
 
-from cli import HelpFormatter, nonneg_float, positive_int, run
+from cli import HelpFormatter, load_model, nonneg_float, pick_device, positive_int, run
 from data_prep import load_encoding
-from cli import load_model, pick_device
 
 
 def sample(args):
@@ -24,18 +23,21 @@ def sample(args):
         new = row[len(prompt):]
         if enc.eot_token in new:  # the story ended
             new = new[: new.index(enc.eot_token)]
-        print(args.prompt + enc.decode([t for t in new if t < enc.n_vocab]))  # padded-vocab ids are no text
+        text = enc.decode([t for t in new if t < enc.n_vocab])  # padded-vocab ids are no text
+        print(args.prompt + text)
         print("-" * 40)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out-mixer/ckpt.pt", help="a checkpoint written by train.py")
-    p.add_argument("--prompt", default="Once upon a time", help="text to continue ('' starts a new story)")
+    p.add_argument("--prompt", default="Once upon a time",
+                   help="text to continue ('' starts a new story)")
     p.add_argument("--max_new_tokens", type=positive_int, default=200)
     p.add_argument("--num_samples", type=positive_int, default=1)
     p.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 is greedy")
-    p.add_argument("--top_k", type=positive_int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top_k", type=positive_int, default=200,
+                   help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     run("sample.py", sample, p.parse_args(argv))

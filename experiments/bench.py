@@ -33,16 +33,16 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
 import time
 
 import torch
 
 import mixer
-from cli import (VARIANTS, HelpFormatter, add_dtype_flag, add_model_flags, autocast, config_from_flags, machine,
-                 mean_and_range, mixed_precision, peak_flops, pick_device, positive_int, run)
+from cli import (HelpFormatter, UserError, add_dtype_flag, add_model_flags, autocast, config_from_flags,
+                 pick_device, positive_int, run)
+from experiments.common import VARIANTS, machine, make_train_step, mean_and_range, median_seconds, sync
 from mixer import Model
-from train import train_step
+from train import peak_flops
 
 GPU_DEFAULTS = dict(n_embd=1024, n_layer=8, block_size=512, batch_size=16)
 CPU_DEFAULTS = dict(n_embd=256, n_layer=4, block_size=256, batch_size=8)
@@ -51,50 +51,21 @@ MB = 2**20
 
 
 def variant(base, name, **changes):
-    return dataclasses.replace(base, **VARIANTS[name], **changes)
+    """The Config of a VARIANTS name from base's settings; a setting that this arch cannot take
+    (n_embd not divisible by its heads, say) is a UserError."""
+    try:
+        return dataclasses.replace(base, **VARIANTS[name], **changes)
+    except ValueError as e:
+        raise UserError(f"{name}: invalid model settings: {e}") from None
 
 
 def name_of(config):
     return "toeplitz" if config.arch == "mixer" and config.mixing == "toeplitz" else config.arch
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn, steps, warmup, device):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def make_train_step(config, args, device, dtype, compile):
-    """(model, step): step() is one training step as train.py takes it (train_step: forward,
-    backward, clipping, AdamW) on fixed random tokens."""
-    torch.manual_seed(0)
-    model = Model(config).to(device)
-    optimizer = model.make_optimizer(1e-4, 0.1, device)
-    step_model = torch.compile(model) if compile else model
-    ctx, scaler, _ = mixed_precision(device, dtype)
-    x = torch.randint(0, config.vocab_size, (args.batch_size, config.block_size + 1), device=device)
-
-    def step():
-        train_step(optimizer, scaler, lambda: step_model(x[:, :-1], x[:, 1:])[1], 1e-4, ctx)
-
-    return model, step
-
-
 def bench_train(config, args, device):
     """Training tokens/s, MFU, peak memory at --dtype and --compile."""
-    model, step = make_train_step(config, args, device, args.dtype, args.compile)
+    model, step = make_train_step(config, args.batch_size, device, args.dtype, args.compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step, args.steps, args.warmup, device)
@@ -113,7 +84,7 @@ def bench_modes(base, archs, args, device):
     steps, results = {}, {}
     for arch, mode in itertools.product(archs, args.modes):
         dtype, compile = mode
-        _, step = make_train_step(variant(base, arch), args, device, dtype, compile)
+        _, step = make_train_step(variant(base, arch), args.batch_size, device, dtype, compile)
         sync(device)
         t0 = time.perf_counter()
         step()  # the first step traces and compiles under --compile
@@ -383,6 +354,8 @@ def bench(args):
             setattr(args, name, value)
     archs = list(VARIANTS) if "all" in args.arch else args.arch
     base = config_from_flags(args, arch="mixer")  # each row sets its own arch
+    for arch in archs:
+        variant(base, arch)  # every arch's settings checked before any measurement
     name = machine(device)
     if args.memory:
         print(f"device: {name}, dtype {autocast(device, args.dtype)[1]}, d{args.n_embd}, {args.n_layer} layers, "

@@ -43,9 +43,12 @@ import numpy as np
 import torch
 
 import train
-from cli import (COLOURS, MODEL_CHOICES, VARIANTS, WITHOUT_EFFECT, HelpFormatter, UserError, load_checkpoint, machine,
-                 mean_and_range, pick_device, positive_float, positive_int, pyplot, run, variant_flags)
-from experiments.common import best_of, ranking
+from cli import (MODEL_CHOICES, WITHOUT_EFFECT, AtomicFile, HelpFormatter, UserError, check_folder,
+                 load_checkpoint,
+                 pick_device, positive_float, positive_int, run, write_text)
+from experiments.common import (COLOURS, VARIANTS, best_of, machine, mean_and_range, per_second,
+                                pyplot, ranking, refuse_flags_for_no_variant, save_figure,
+                                variant_flags)
 from mixer import Config
 
 CURVE_FIELDS = ["arch", "point", "seed", "step", "tokens", "elapsed_s", "train_loss", "val_loss"]
@@ -238,11 +241,17 @@ def arch_table(results, archs):
     for arch, rs in by_arch.items():
         last = [r["rows"][-1] for r in rs]
         tokens = [int(row["tokens"]) for row in last]
-        speed = [int(row["tokens"]) / float(row["elapsed_s"]) for row in last]
         lines.append(f"| {arch} | {rs[0]['params'] / 1e6:.2f}M | {mean_and_range([int(row['step']) for row in last], ',.0f')} | "
-                     f"{mean_and_range([t / 1e6 for t in tokens], '.2f')} | {mean_and_range(speed, ',.0f')} | "
+                     f"{mean_and_range([t / 1e6 for t in tokens], '.2f')} | {speed_cells(last)} | "
                      f"{mean_and_range([float(row['train_loss']) for row in last], '.3f')} | {mean_and_range(final_val[arch], '.3f')} |")
     return lines, final_val
+
+
+def speed_cells(last_rows):
+    """Tokens/s of runs (their last log rows), mean (min-max); '-' where a run's training time
+    rounds to 0 s (a very short run)."""
+    speed = [per_second(int(row["tokens"]), float(row["elapsed_s"])) for row in last_rows]
+    return "-" if None in speed else mean_and_range(speed, ",.0f")
 
 
 def val_at_tokens(result, tokens):
@@ -280,7 +289,7 @@ def write_sweep_results(args, grid, selection, confirmation, best, command):
         last = r["rows"][-1]
         marker = " (best)" if r["point"] == best[r["arch"]] else ""
         lines.append(f"| {r['arch']} | {point_name(r['point'])}{marker} | {r['params'] / 1e6:.2f}M | "
-                     f"{int(last['step']):,} | {int(last['tokens']) / float(last['elapsed_s']):,.0f} | "
+                     f"{int(last['step']):,} | {speed_cells([last])} | "
                      f"{final_val_loss(r):.3f} |")
     lines += ["", f"## Best points, confirmed on {args.seeds} fresh seed(s) "
                   f"({', '.join(str(s) for s in range(args.seed + 1, args.seed + 1 + args.seeds))})", ""]
@@ -298,13 +307,13 @@ def write_sweep_results(args, grid, selection, confirmation, best, command):
                "archs": {arch: {"point": best[arch], "edge": edge_notes(grid, best[arch]), "val": final_val[arch],
                                 "tokens": [int(r["rows"][-1]["tokens"]) for r in confirmation if r["arch"] == arch],
                                 "val_at_equal_tokens": at[arch]} for arch in args.archs}}
-    (Path(args.out_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(Path(args.out_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
 
 
 def finish_results(args, lines, results):
     """Write results.md and curves.csv (every eval of every run), and print the results."""
-    (Path(args.out_dir) / "results.md").write_text("\n".join(lines) + "\n")
-    with open(Path(args.out_dir) / "curves.csv", "w", newline="") as f:
+    write_text(Path(args.out_dir) / "results.md", "\n".join(lines) + "\n")
+    with AtomicFile(Path(args.out_dir) / "curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, CURVE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(row for r in results for row in r["rows"])
@@ -337,8 +346,7 @@ def draw_val_curves(results, first_seed, ax_time, ax_tokens=None):
 
 def save(fig, out_dir):
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / "curves.png", dpi=110)
-    print(f"wrote {Path(out_dir) / 'curves.png'}")
+    save_figure(fig, Path(out_dir) / "curves.png")
 
 
 def plot_curves(args, results):
@@ -392,12 +400,17 @@ def plot_sweep(args, grid, selection, confirmation, best):
 def summarize(args):
     """summary.md and summary.png over several sweeps (one per context length, say): each arch's
     confirmed val loss against the setting, at equal time and at equal tokens, with the verdicts."""
+    check_folder(args.out_dir)
     sweeps = []
     for folder in args.summary:
         path = Path(folder) / "summary.json"
         if not path.is_file():
             raise UserError(f"{path} not found: run python -m experiments.compare --sweep ... --out_dir {folder} to the end first")
-        sweeps.append(json.loads(path.read_text()))
+        try:
+            sweeps.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            raise UserError(f"{path} is cut off or not JSON: run that sweep's command again (it "
+                            "reads its finished runs back and writes summary.json anew)") from None
     sweeps.sort(key=lambda s: s["block_size"])
     archs = [arch for arch in VARIANTS if any(arch in s["archs"] for s in sweeps)]
     lines = ["# Each arch at its best learning rate, by context length", "",
@@ -416,7 +429,7 @@ def summarize(args):
     lines.append("Cells: mean (min-max) over the confirmation seeds, each arch's best point and its tokens seen (M); "
                  "'edge': that best point lies at the edge of its grid.")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.out_dir) / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(Path(args.out_dir) / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     plot_summary(args, sweeps, archs)
 
@@ -448,17 +461,18 @@ def plot_summary(args, sweeps, archs):
     axes[0].set_ylabel("val loss (confirmation seeds)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(Path(args.out_dir) / "summary.png", dpi=110)
-    print(f"wrote {Path(args.out_dir) / 'summary.png'}")
+    save_figure(fig, Path(args.out_dir) / "summary.png")
 
 
 def compare(args, train_argv, command):
     bad = [flag for flag in train_argv if flag.split("=")[0] in OWN_FLAGS]
     if bad:
         raise UserError(f"{bad[0]} is set by compare.py (use --minutes; a second run of the same command resumes)")
-    given, _ = train.parse_flags(train_argv)  # a bad train.py flag fails now, not hours later
+    check_folder(args.out_dir)
+    given, model_given = train.parse_flags(train_argv)  # a bad train.py flag fails now, not hours later
     args.machine = machine(pick_device(given.get("device", "auto")))
     grid = parse_grid(args.sweep, train_argv) if args.sweep else None
+    refuse_flags_for_no_variant([*model_given, *(flag for flag, _ in grid or [])], args.archs)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if grid is None:
         train_all(args, train_argv, run_dirs(args))
@@ -493,8 +507,6 @@ def main(argv=None):
     p.add_argument("--summary", nargs="+", metavar="DIR", help="no training: summary.md and summary.png across the "
                                                                 "--out_dir folders of finished sweeps")
     args, train_argv = p.parse_known_args(argv)
-    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        p.error(f"--out_dir {args.out_dir} is a file, not a folder")
     if args.summary:
         return run("experiments.compare", summarize, args)
     run("experiments.compare", lambda a: compare(a, train_argv, shlex.join(["python", "-m", "experiments.compare", *argv])), args)

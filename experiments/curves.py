@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import shlex
 import statistics
 import sys
@@ -47,11 +48,13 @@ import numpy as np
 import torch
 
 import train
-from cli import (COLOURS, VARIANTS, WITHOUT_EFFECT, HelpFormatter, UserError, add_dtype_flag,
-                 add_model_flags, atomic_save, can_compile, compile_by_default, config_from_flags,
-                 load_checkpoint, machine, mean_and_range, mixed_precision, pick_device, positive_float,
-                 positive_int, pyplot, run, wrap)
-from experiments.common import ResultStore, ranking
+from cli import (WITHOUT_EFFECT, HelpFormatter, boolean, UserError, add_dtype_flag, add_model_flags,
+                 atomic_save, check_folder, config_from_flags, load_checkpoint, mixed_precision,
+                 pick_device, positive_int, run, write_text)
+from experiments.common import (COLOURS, VARIANTS, ResultStore, machine, make_train_step,
+                                mean_and_range, median_seconds, pyplot, ranking,
+                                refuse_flags_for_no_variant, save_figure)
+from train import can_compile, compile_by_default, wrap
 from mixer import Model
 
 EVAL_SEED = 0            # the eval windows: one fixed draw, the same for every arch, seed and budget
@@ -215,6 +218,10 @@ def train_wsd(job, setup, store):
         branches.setdefault(start, []).append((budget, steps))
     last_step = max(branches)
     evals = stable_eval_steps(last_step, setup.tokens_per_step)
+    keys = ([{**job.key(), "kind": "stable", "step": s} for s in evals] +
+            [{**job.key(), "kind": "budget", "budget": b} for b in args.budgets])
+    if all(store.has(key) for key in keys):
+        return  # finished (perhaps in another session, whose stable.pt is gone): nothing to retrain
     trainer = Trainer(job, setup)
     ckpt = folder / "stable.pt"
     if ckpt.exists():
@@ -316,8 +323,9 @@ def best_lr(rows, arch, lrs, seed, budget):
 
 
 def store_rows(out_dir):
-    """Every row of out_dir's results.jsonl, read now (another command may share the folder)."""
-    return ResultStore(out_dir).done
+    """Every row of out_dir's results.jsonl, read now (another command may share the folder); a cut-off
+    line is said when the command opens its store."""
+    return ResultStore(out_dir, say_cut_off=False).done
 
 
 def curves(args, command):
@@ -339,15 +347,11 @@ def curves(args, command):
 def make_setup(args):
     """Check everything before any training: settings against the folder's, the data, the models."""
     out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out_dir {out_dir} is a file, not a folder: choose another --out_dir")
+    check_folder(out_dir)
     splits, meta = train.load_data(args.data_dir, "packed")
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
     model_flags = {name: getattr(args, name) for name in MODEL_FIELDS if getattr(args, name) is not None}
-    unused = [name for name in model_flags
-              if all(name in WITHOUT_EFFECT[VARIANTS[a]["arch"]] for a in args.archs)]
-    if unused:
-        raise UserError(f"--{unused[0]} has no effect on any of --archs {' '.join(args.archs)}: drop it")
+    refuse_flags_for_no_variant(model_flags, args.archs)
     configs = {}
     for arch in args.archs:
         applies = {k: v for k, v in model_flags.items() if k not in WITHOUT_EFFECT[VARIANTS[arch]["arch"]]}
@@ -379,7 +383,7 @@ def check_settings(out_dir, settings):
                             f"{settings[differ[0]]} here): use another --out_dir, or the same settings")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=1) + "\n")
+    write_text(path, json.dumps(settings, indent=1) + "\n")
 
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(train.Config)
@@ -429,7 +433,7 @@ def cooldown_fraction(text):
 def read_curves(out_dir):
     """(settings, rows) of a curves folder."""
     path = Path(out_dir) / "settings.json"
-    if not path.is_file():
+    if not Path(out_dir).is_dir() or not path.is_file():
         raise UserError(f"{path} not found: {out_dir} is not a curves folder (run python -m experiments.curves "
                         f"... --out_dir {out_dir} first)")
     return json.loads(path.read_text()), store_rows(out_dir)
@@ -441,27 +445,275 @@ def confirmed(settings, rows):
     return [r for r in rows if r["seed"] != settings["seed"] and r["kind"] != "cosine"]
 
 
+def archs_of(rows):
+    return [a for a in VARIANTS if any(r["arch"] == a for r in rows)]
+
+
+def budget_losses(runs, arch, budget, key="val"):
+    """[loss per seed] of arch's cooldown branches to budget, in seed order."""
+    rows = sorted((r for r in runs if r["arch"] == arch and r["kind"] == "budget" and r["budget"] == budget),
+                  key=lambda r: r["seed"])
+    return [r[key] for r in rows]
+
+
+def cpu_and_precision(row):
+    """What a run's numbers depend on: the machine without its thread count, and the precision."""
+    cpu = re.sub(r", \d+ thread\(s\)$", "", row["machine"])
+    return f"{cpu}, {row['dtype']}"
+
+
+def moved_runs(rows):
+    """{(arch, lr, seed)} of the runs whose rows come from more than one machine or precision."""
+    seen = {}
+    for r in rows:
+        seen.setdefault((r["arch"], r["lr"], r["seed"]), set()).add(cpu_and_precision(r))
+    return {run for run, kinds in seen.items() if len(kinds) > 1}
+
+
+def ahead_at(runs, a, b, budget):
+    """a or b where every seed of it is below every seed of the other at budget, else None."""
+    va, vb = budget_losses(runs, a, budget), budget_losses(runs, b, budget)
+    if len(va) < 2 or len(vb) < 2:
+        return None  # one seed: no spread, no ranking
+    return a if max(va) < min(vb) else b if max(vb) < min(va) else None
+
+
+def crossover(runs, budgets, a, b):
+    """One sentence: the budget from which every seed of one arch stays ahead of every seed of the
+    other up to the largest budget, and who was ahead before (each budget where a seed order holds)."""
+    measured = [B for B in budgets if budget_losses(runs, a, B) and budget_losses(runs, b, B)]
+    if not measured:
+        return f"{a} vs {b}: not measured yet"
+    leaders = [ahead_at(runs, a, b, B) for B in measured]
+    end = f"{measured[-1] / 1e6:g}M"
+    trail = len(leaders)
+    while trail > 0 and leaders[trail - 1] is not None and leaders[trail - 1] == leaders[-1]:
+        trail -= 1
+    path = ", ".join(f"{B / 1e6:g}M: {w or 'overlap'}" for B, w in zip(measured, leaders))
+    if leaders[-1] is None:
+        return f"{a} vs {b}: none up to {end} (at the largest budget the seeds overlap; by budget: {path})"
+    since = "at every budget" if trail == 0 else f"from {measured[trail] / 1e6:g}M on"
+    return f"{a} vs {b}: **{leaders[-1]} ahead {since}** up to {end} (by budget: {path})"
+
+
+def crossover_lines(runs, budgets, archs):
+    return [f"- {crossover(runs, budgets, a, b)}" for i, a in enumerate(archs) for b in archs[i + 1:]]
+
+
 def write_table(out_dir, command):
     settings, rows = read_curves(out_dir)
     lines = table_lines(settings, rows, command)
-    (Path(out_dir) / "table.md").write_text("\n".join(lines) + "\n")
+    write_text(Path(out_dir) / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def table_lines(settings, rows, command):
-    archs = [a for a in VARIANTS if any(r["arch"] == a for r in rows)]
+    """table.md: the budget table (val loss, the train/val gap), the crossovers, the lr selection and
+    the cosine check, for one context length."""
     runs = confirmed(settings, rows)
-    epoch = settings["train_tokens"]
-    lines = [f"# Loss curves at T = {settings['block_size']}", "", f"`{command}`" if command else "", "",
-             "Val loss that a run of each budget reaches (its cooldown branch), mean (min-max) over seeds:", "",
-             "| budget (M tokens) | epochs | " + " | ".join(archs) + " |", "|---|---|" + "---|" * len(archs)]
-    for budget in settings["budgets"]:
+    archs, epoch, budgets = archs_of(runs), settings["train_tokens"], settings["budgets"]
+    moved = moved_runs(rows)
+    lr_of = {a: sorted({r["lr"] for r in runs if r["arch"] == a}) for a in archs}
+    header = "| budget (M tokens) | epochs | " + " | ".join(f"{a} (lr {', '.join(f'{x:g}' for x in lr_of[a])})"
+                                                           for a in archs) + " |"
+    lines = [f"# Loss curves at T = {settings['block_size']}", "", f"`{command}`" if command else "(command: see RESULTS.md)",
+             "", f"Model: d{settings['model']['n_embd']}, {settings['model']['n_layer']} layers, vocab "
+             f"{settings['vocab_size']}; {settings['block_size'] * settings['batch_size']:,} tokens per step; "
+             f"warmup {settings['warmup_iters']} steps, a constant lr, a linear cooldown to 0 over the last "
+             f"{settings['cooldown']:.0%} of each budget. One epoch = {epoch / 1e6:.2f}M tokens (the train split).",
+             "", "Machines: " + "; ".join(sorted({cpu_and_precision(r) for r in rows})) + ".", ""]
+    lines += ["## Val loss a run of each budget reaches", "",
+              "Each cell: the cooldown branch to that budget, mean (min-max) over the confirmation seeds"
+              + (" (* a run that continued on another machine or precision)" if moved else "") + ".", "",
+              header, "|---|---|" + "---|" * len(archs)]
+    for budget in budgets:
         cells = []
         for arch in archs:
-            vals = [r["val"] for r in runs if r["arch"] == arch and r["kind"] == "budget" and r["budget"] == budget]
-            cells.append(mean_and_range(vals, ".3f") if vals else "-")
+            vals = budget_losses(runs, arch, budget)
+            star = "*" if any((arch, r["lr"], r["seed"]) in moved for r in runs if r["arch"] == arch) else ""
+            cells.append(mean_and_range(vals, ".3f") + star if vals else "-")
         lines.append(f"| {budget / 1e6:g} | {budget / epoch:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Train/val gap (val minus train loss on the fixed windows, at the end of each cooldown)", "",
+              "| budget (M tokens) | epochs | " + " | ".join(archs) + " |", "|---|---|" + "---|" * len(archs)]
+    for budget in budgets:
+        cells = []
+        for arch in archs:
+            gaps = [v - t for v, t in zip(budget_losses(runs, arch, budget), budget_losses(runs, arch, budget, "train"))]
+            cells.append(mean_and_range(gaps, "+.3f") if gaps else "-")
+        lines.append(f"| {budget / 1e6:g} | {budget / epoch:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "## Crossovers", "", "An arch is ahead at a budget when every seed of it is below every seed of "
+              "the other.", "", *crossover_lines(runs, budgets, archs)]
+    lines += selection_lines(settings, rows) + cosine_lines(settings, rows)
     return lines
+
+
+def selection_lines(settings, rows):
+    """The lr selection on the selection seed, for the archs given several lrs."""
+    chosen = {(r["arch"], r["lr"]) for r in confirmed(settings, rows)}
+    picked = [r for r in rows if r["seed"] == settings["seed"] and r["kind"] == "budget"]
+    if not picked:
+        return []
+    lines = ["", f"## lr selection (seed {settings['seed']}; val loss at each budget)", "",
+             "| arch | lr | " + " | ".join(f"{b / 1e6:g}M" for b in settings["budgets"]) + " |",
+             "|---|---|" + "---|" * len(settings["budgets"])]
+    for arch in archs_of(picked):
+        for lr in sorted({r["lr"] for r in picked if r["arch"] == arch}, reverse=True):
+            val = {r["budget"]: r["val"] for r in picked if r["arch"] == arch and r["lr"] == lr}
+            mark = " (chosen)" if (arch, lr) in chosen else ""
+            lines.append(f"| {arch} | {lr:g}{mark} | " + " | ".join(f"{val[b]:.3f}" if b in val else "-"
+                                                                   for b in settings["budgets"]) + " |")
+    return lines
+
+
+def cosine_lines(settings, rows):
+    """The cooldown branch against a cosine run of the same budget, seed by seed."""
+    cosine = [r for r in rows if r["kind"] == "cosine"]
+    if not cosine:
+        return []
+    lines = ["", "## Cooldown branch against a cosine run of the same length", "",
+             "| arch | lr | budget (M tokens) | seed | cooldown branch | cosine run | cosine minus branch |",
+             "|---|---|---|---|---|---|---|"]
+    for c in sorted(cosine, key=lambda r: (r["arch"], r["budget"], r["seed"])):
+        branch = next((r for r in rows if r["kind"] == "budget" and r["budget"] == c["budget"]
+                       and (r["arch"], r["lr"], r["seed"]) == (c["arch"], c["lr"], c["seed"])), None)
+        if branch is not None:
+            lines.append(f"| {c['arch']} | {c['lr']:g} | {c['budget'] / 1e6:g} | {c['seed']} | {branch['val']:.3f} "
+                         f"| {c['val']:.3f} | {c['val'] - branch['val']:+.3f} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- --predict
+
+def predicted_loss(runs, arch, budgets, tokens):
+    """[val loss per seed] of a run of `tokens` tokens: each seed's budget losses, linear in log tokens
+    between budgets; None outside the measured budgets."""
+    measured = [B for B in budgets if budget_losses(runs, arch, B)]
+    if not measured or not measured[0] <= tokens <= measured[-1]:
+        return None
+    per_budget = np.array([budget_losses(runs, arch, B) for B in measured])  # [budgets, seeds]
+    return [float(np.interp(math.log(tokens), np.log(measured), per_budget[:, s])) for s in range(per_budget.shape[1])]
+
+
+def predict(args):
+    """The equal-time verdicts at each of --minutes, for each curves folder, from tokens/s (given, or
+    measured on this machine)."""
+    for folder in args.predict:
+        settings, rows = read_curves(folder)
+        runs = confirmed(settings, rows)
+        archs, budgets = archs_of(runs), settings["budgets"]
+        speeds = args.tokens_per_s or measure_speeds(settings, archs, args)
+        missing = [a for a in archs if a not in speeds]
+        if missing:
+            raise UserError(f"--tokens_per_s: none for {missing[0]} (give ARCH=N for each of {' '.join(archs)})")
+        source = "as given" if args.tokens_per_s else f"measured on {machine(pick_device(args.device))}"
+        print(f"\n# T = {settings['block_size']}: predicted val loss after M minutes of training ({folder})\n")
+        print("tokens/s (" + source + "): " + ", ".join(f"{a} {speeds[a]:,.0f}" for a in archs) + "\n")
+        print("| minutes | " + " | ".join(archs) + " | predicted verdict |")
+        print("|---|" + "---|" * (len(archs) + 1))
+        for minutes in args.minutes:
+            loss = {a: predicted_loss(runs, a, budgets, speeds[a] * 60 * minutes) for a in archs}
+            cells = [f"{mean_and_range(v, '.3f')} at {speeds[a] * 60 * minutes / 1e6:.2f}M" if v else
+                     f"not measured ({speeds[a] * 60 * minutes / 1e6:.2f}M tokens)" for a, v in loss.items()]
+            known = {a: v for a, v in loss.items() if v}
+            verdict = " ".join(ranking(known)) if len(known) == len(archs) else \
+                f"no verdict: the curves cover {budgets[0] / 1e6:g}M to {budgets[-1] / 1e6:g}M tokens"
+            print(f"| {minutes:g} | " + " | ".join(cells) + f" | {verdict} |")
+
+
+def measure_speeds(settings, archs, args):
+    """{arch: training tokens/s on this machine} at the curves' settings, as train.py trains by default
+    here (dtype and compile): interleaved rounds, the median of each."""
+    device = pick_device(args.device)
+    vocab, T, batch = settings["vocab_size"], settings["block_size"], settings["batch_size"]
+    compile = compile_by_default(device, args.dtype) and can_compile(device, print)
+    steps = {}
+    for arch in archs:
+        model_flags = {k: v for k, v in settings["model"].items() if k not in WITHOUT_EFFECT[VARIANTS[arch]["arch"]]}
+        config = train.Config(**{**model_flags, **VARIANTS[arch], "vocab_size": vocab, "block_size": T})
+        print(f"timing {arch} at T = {T}" + (" (compiling first)" if compile else ""), flush=True)
+        steps[arch] = make_train_step(config, batch, device, args.dtype, compile)[1]
+        for _ in range(3):
+            steps[arch]()
+    times = {arch: [] for arch in archs}
+    for _ in range(3):
+        for arch, step in steps.items():
+            times[arch].append(median_seconds(step, 5, 0, device))
+    return {arch: batch * T / statistics.median(t) for arch, t in times.items()}
+
+
+def parse_speeds(specs):
+    """{arch: tokens/s} from ARCH=N specs."""
+    speeds = {}
+    for spec in specs:
+        arch, _, value = spec.partition("=")
+        if arch not in VARIANTS:
+            raise UserError(f"--tokens_per_s {spec!r}: write ARCH=N with ARCH one of {', '.join(VARIANTS)}")
+        try:
+            speeds[arch] = float(value)
+        except ValueError:
+            raise UserError(f"--tokens_per_s {spec!r}: {value!r} is not a number") from None
+        if not speeds[arch] > 0:
+            raise UserError(f"--tokens_per_s {spec!r}: tokens per second must be positive")
+    return speeds
+
+
+# ---------------------------------------------------------------------------------------- --summary
+
+def summarize(args):
+    """curves.md (every folder's table) and curves.png: val loss against tokens, one panel per context
+    length, a band per arch across its seeds, the budget points and the start of each epoch marked."""
+    check_folder(args.out_dir)
+    folders = [(read_curves(f), f) for f in args.summary]
+    folders.sort(key=lambda x: x[0][0]["block_size"])
+    lines = ["# Loss curves", "", f"`{shlex.join(['python', '-m', 'experiments.curves', '--summary', *args.summary])}`"]
+    for (settings, rows), folder in folders:
+        lines += ["", *(f"#{line}" if line.startswith("#") else line for line in table_lines(settings, rows, None))]
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    write_text(Path(args.out_dir) / "curves.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plt = pyplot("curves.png", f"the numbers are in {Path(args.out_dir) / 'curves.md'}")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(folders), figsize=(5.5 * len(folders), 4.2), sharey=True, squeeze=False)
+    for ax, ((settings, rows), _) in zip(axes[0], folders):
+        draw_curves(ax, settings, confirmed(settings, rows))
+    at_budgets = [r["val"] for (settings, rows), _ in folders for r in confirmed(settings, rows) if r["kind"] == "budget"]
+    if at_budgets:  # the first evals are near ln(vocab): show where the archs differ
+        axes[0][0].set_ylim(min(at_budgets) - 0.1, max(at_budgets) + 0.4)
+    axes[0][0].set_ylabel("val loss")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, Path(args.out_dir) / "curves.png")
+
+
+def draw_curves(ax, settings, runs):
+    """One panel: per arch, the stable runs' band (min-max over seeds, light) and the loss at each
+    budget (mean, bars min-max); dotted lines where each epoch ends."""
+    for arch in archs_of(runs):
+        stable = [r for r in runs if r["arch"] == arch and r["kind"] == "stable"]
+        steps = sorted({r["tokens"] for r in stable})
+        by_seed = {}
+        for r in stable:
+            by_seed.setdefault(r["seed"], {})[r["tokens"]] = r["val"]
+        full = [t for t in steps if all(t in v for v in by_seed.values())]
+        if full:
+            vals = np.array([[by_seed[s][t] for t in full] for s in by_seed])
+            ax.fill_between(np.array(full) / 1e6, vals.min(0), vals.max(0), color=COLOURS[arch], alpha=0.18, lw=0)
+        budgets = [B for B in settings["budgets"] if budget_losses(runs, arch, B)]
+        if budgets:
+            vals = [budget_losses(runs, arch, B) for B in budgets]
+            mean = np.array([statistics.mean(v) for v in vals])
+            ax.errorbar(np.array(budgets) / 1e6, mean, yerr=[mean - [min(v) for v in vals], [max(v) for v in vals] - mean],
+                        marker="o", ms=4, capsize=3, color=COLOURS[arch], label=arch)
+    epoch = settings["train_tokens"] / 1e6
+    top = settings["budgets"][-1] / 1e6
+    for n in range(1, int(top / epoch) + 1):
+        ax.axvline(n * epoch, color="grey", ls=":", lw=1)
+        ax.text(n * epoch, 1.0, f" epoch {n + 1}", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="grey")
+    ax.set(xscale="log", xlabel="tokens seen (millions; log scale)", title=f"T = {settings['block_size']}")
+    ax.set_xticks([B / 1e6 for B in settings["budgets"]], [f"{B / 1e6:g}" for B in settings["budgets"]])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
 
 
 # ---------------------------------------------------------------------------------------- command line
@@ -489,16 +741,38 @@ def main(argv=None):
     p.add_argument("--data_dir", default="data/tinystories")
     p.add_argument("--device", default="auto")
     add_dtype_flag(p)
-    p.add_argument("--compile", type=lambda t: t.lower() in ("1", "true", "yes"), default=None)
+    p.add_argument("--compile", type=boolean, help="torch.compile (default: where it pays, as train.py)")
     p.add_argument("--out_dir", default="out-curves")
     add_model_flags(p, skip=("arch", "vocab_size", "causal", "block_size", "mixing"))
+    p.add_argument("--predict", nargs="+", metavar="DIR", help="no training: equal-time verdicts from these curves")
+    p.add_argument("--tokens_per_s", nargs="+", metavar="ARCH=N", help="--predict: each arch's training tokens/s "
+                                                                        "(default: measure this machine's)")
+    p.add_argument("--minutes", type=parse_minutes, default=list(MINUTES), help="--predict: training minutes, "
+                                                                                 "comma-separated (default 3,10,30,60)")
+    p.add_argument("--summary", nargs="+", metavar="DIR", help="no training: curves.md and curves.png across "
+                                                                "these curves folders, into --out_dir")
     args = p.parse_args(argv)
     command = shlex.join(["python", "-m", "experiments.curves", *argv])
 
     def start(args):
+        if args.predict:
+            args.tokens_per_s = parse_speeds(args.tokens_per_s or [])
+            return predict(args)
+        if args.summary:
+            return summarize(args)
         args.lr = parse_lrs(args.lr, args.archs)
         return curves(args, command)
     run("experiments.curves", start, args)
+
+
+def parse_minutes(text):
+    try:
+        minutes = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers") from None
+    if not all(m > 0 for m in minutes):
+        raise argparse.ArgumentTypeError(f"{text}: minutes must be positive")
+    return minutes
 
 
 if __name__ == "__main__":

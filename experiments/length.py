@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import (HelpFormatter, Progress, UserError, load_checkpoint, mean_and_range, model_from_checkpoint, positive_int,
-                 pyplot, run)
+from cli import (AtomicFile, HelpFormatter, Progress, UserError, check_folder, load_checkpoint,
+                 model_from_checkpoint, positive_int, run, write_text)
+from experiments.common import mean_and_range, pyplot, save_figure
 from train import load_data
 
 
@@ -55,8 +56,6 @@ def by_label(results, labels):
 
 def draw_windows(tokens, length, count, seed):
     """[count, length + 1] windows of the val tokens at random places (the same for the same seed)."""
-    if len(tokens) <= length:
-        raise UserError(f"the val split has {len(tokens)} tokens, fewer than a window of {length + 1}: lower --factor")
     starts = np.random.default_rng(seed).integers(0, len(tokens) - length, size=count)
     return torch.from_numpy(np.stack([tokens[s : s + length + 1] for s in starts]).astype(np.int64))
 
@@ -83,25 +82,41 @@ def crop_losses(model, windows, batch_size):
     return total / len(windows)
 
 
-def measure(paths, args):
-    """{path: (block_size, whole [factor x T] with NaN past T where undefined, crop [factor x T])}."""
-    results, progress = {}, Progress(log_every=30)
-    for n, path in enumerate(paths):
+def checked_inputs(paths, args):
+    """{path: (model, val tokens)}: every checkpoint and its data read, and checked against each
+    other (the vocabulary, the window length), before any measurement."""
+    inputs = {}
+    for path in paths:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path).eval()
-        T = model.config.block_size
         data_dir = args.data_dir or ckpt.get("train_args", {}).get("data_dir")
         if data_dir is None:
             raise UserError(f"{path} does not say which data it was trained on: give --data_dir")
-        splits, _ = load_data(data_dir)
-        windows = draw_windows(splits["val"].tokens, args.factor * T, args.windows, args.seed)
-        progress.update(f"[{n + 1}/{len(paths)}] {path}: whole windows")
+        splits, meta = load_data(data_dir)
+        if meta["vocab_size"] != ckpt["data_meta"]["vocab_size"]:
+            raise UserError(f"{path} was trained on a {ckpt['data_meta']['vocab_size']}-token vocabulary, "
+                            f"{data_dir} has {meta['vocab_size']}: give the --data_dir it was trained on")
+        length = args.factor * model.config.block_size
+        if len(splits["val"].tokens) <= length:
+            raise UserError(f"the val split of {data_dir} has {len(splits['val'].tokens)} tokens, fewer "
+                            f"than a window of {length + 1}: lower --factor")
+        inputs[path] = (model, splits["val"].tokens)
+    return inputs
+
+
+def measure(inputs, args):
+    """{path: (block_size, whole [factor x T] with NaN past T where undefined, crop [factor x T])}."""
+    results, progress = {}, Progress(log_every=30)
+    for n, (path, (model, tokens)) in enumerate(inputs.items()):
+        T = model.config.block_size
+        windows = draw_windows(tokens, args.factor * T, args.windows, args.seed)
+        progress.update(f"[{n + 1}/{len(inputs)}] {path}: whole windows")
         whole = whole_losses(model, windows if model.runs_past_block_size() else windows[:, : T + 1], args.batch_size)
         whole = torch.cat([whole, torch.full((args.factor * T - len(whole),), math.nan)])
-        progress.update(f"[{n + 1}/{len(paths)}] {path}: cropped contexts")
+        progress.update(f"[{n + 1}/{len(inputs)}] {path}: cropped contexts")
         crop = torch.cat([whole[: T - 1], crop_losses(model, windows, args.batch_size)])
         results[path] = (T, whole, crop)
-    progress.done(f"measured {len(paths)} checkpoints")
+    progress.done(f"measured {len(inputs)} checkpoints")
     return results
 
 
@@ -121,7 +136,7 @@ def band_table(results, labels, factor):
 
 
 def write_csv(results, labels, path):
-    with open(path, "w", newline="") as f:
+    with AtomicFile(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["checkpoint", "label", "block_size", "position", "whole_loss", "crop_loss"])
         for ckpt, (T, whole, crop) in results.items():
@@ -158,18 +173,18 @@ def plot(results, labels, path, bin_size):
     top.set_title("Val loss against position, past the trained context")
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path, dpi=120)
 
 
 def length(args):
     paths = [str(p) for p in args.ckpt]
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results, labels = measure(paths, args), labels_of(paths)
+    check_folder(out)
+    results, labels = measure(checked_inputs(paths, args), args), labels_of(paths)
     table = band_table(results, labels, args.factor)
     print(table)
-    (out / "table.md").write_text(f"{table}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "table.md", f"{table}\n")
     write_csv(results, labels, out / "losses.csv")
     plot(results, labels, out / "length.png", args.bin)
 

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from cli import HelpFormatter, UserError, positive_int, pyplot, run
+from cli import HelpFormatter, UserError, positive_int, run
+from experiments.common import add_models_to_test_flags, models_to_test, pyplot, save_figure, story_inputs
 from mixer import Attention, MaskedMixing, attention_probs
-from experiments.represent import add_model_flags, models_to_test, story_inputs
 
 RANK_TOL = 1e-2  # relative to the largest singular value
 
@@ -190,8 +190,7 @@ def plot_mixing(models, path, plt):
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, extend="both")
     bar.set_label(f"one symmetric scale for every panel, clipped at +-{limit:.3g} (99th percentile of |entries|);\n"
                   "blank: the masked upper triangle, never applied", fontsize=8)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def plot_attention(models, path, plt):
@@ -211,8 +210,7 @@ def plot_attention(models, path, plt):
     bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6)
     bar.set_label("attention probability, averaged over the input stories\n(input-dependent: an average, "
                   "not a fixed matrix)", fontsize=8)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def plot_profiles(shown, path, plt):
@@ -229,8 +227,7 @@ def plot_profiles(shown, path, plt):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def draw(per_model, out):
@@ -273,7 +270,7 @@ def show(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_flags(p, n_layer=4, n_embd=128)
+    add_models_to_test_flags(p, n_layer=4, n_embd=128)
     p.add_argument("--show", choices=["mixing", "attention", "both"], default="both",
                    help="mixing matrices, averaged attention maps, or whichever each model has")
     p.add_argument("--data_dir", help="prepared text for the attention maps (the start of val.bin's stories)")

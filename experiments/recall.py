@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import (AtomicFile, HelpFormatter, UserError, add_dtype_flag, add_model_flags, config_from_flags, machine,
-                 mixed_precision, pick_device, positive_float, positive_int, pyplot, run)
-from experiments.common import ResultStore, best_of
+from cli import (HelpFormatter, UserError, add_dtype_flag, add_model_flags, check_folder,
+                 config_from_flags, mixed_precision, pick_device, positive_float, positive_int, run,
+                 write_text)
+from experiments.common import COLOURS, ResultStore, best_of, machine, pyplot, save_figure
 from mixer import ARCHS, Config, Model
 from train import Schedule, train_step
 
-COLOURS = dict(zip(ARCHS, ("tab:blue", "tab:orange", "tab:green")))
 PLATEAU = 0.02  # a curve has flattened when its last quarter gained less than this accuracy
 
 
@@ -221,8 +221,7 @@ def write_table(best, args, command):
     lines += ["", f"Chance is about 1/{args.vocab_size // 2} (a value among the upper half of the vocabulary). "
               f"'still rising': the last quarter of the validation curve gained {PLATEAU} or more; "
               "'(edge)': the best lr is at the edge of --lrs."]
-    with AtomicFile(Path(args.out_dir) / "results.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(Path(args.out_dir) / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -244,7 +243,7 @@ def plot(best, args):
     axes[0, 0].set_ylabel("test accuracy (best lr)")
     axes[0, 0].legend()
     fig.tight_layout()
-    fig.savefig(Path(args.out_dir) / "recall.png", dpi=110)
+    save_figure(fig, Path(args.out_dir) / "recall.png")
     curves, ax = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False, sharey=True)
     for ax, (seq_len, pairs) in zip(ax[0], settings):
         for (arch, s, p, width), r in best.items():
@@ -257,11 +256,11 @@ def plot(best, args):
         ax.legend(fontsize=6)
     curves.axes[0].set_ylabel("validation accuracy")
     curves.tight_layout()
-    curves.savefig(Path(args.out_dir) / "recall_curves.png", dpi=110)
-    print(f"wrote {Path(args.out_dir) / 'recall.png'} and recall_curves.png")
+    save_figure(curves, Path(args.out_dir) / "recall_curves.png")
 
 
 def recall(args, command):
+    check_folder(args.out_dir)
     for seq_len, pairs in args.settings:
         check_setting(seq_len, pairs, args.vocab_size)
     for arch, width, (seq_len, _) in itertools.product(args.archs, args.widths, args.settings):

@@ -35,14 +35,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-import cli
-from cli import (HelpFormatter, Progress, UserError, config_from_flags, load_checkpoint, model_from_checkpoint,
-                 positive_int, pyplot, run)
-from mixer import ARCHS, Model
-from train import load_data
+from cli import HelpFormatter, Progress, UserError, positive_int, run
+from experiments.common import add_models_to_test_flags, models_to_test, pyplot, save_figure, story_inputs
 
 TOP_K = 5
 LR_START, LR_END = 0.02, 0.002
@@ -96,31 +92,6 @@ def hamming(logits, tokens, k=TOP_K):
 
 
 # ---------------------------------------------------------------------------------------- inputs and models
-
-def story_inputs(data_dir, n, length):
-    """[n, length] tokens: the start of the first n stories of val.bin with at least length tokens."""
-    val = load_data(data_dir, layout="stories")[0]["val"]
-    rows = []
-    for start, end in zip(val.starts, list(val.starts[1:]) + [len(val.tokens)]):
-        if end - start - 1 >= length:  # the story, without its <|endoftext|>
-            rows.append(np.asarray(val.tokens[start : start + length], dtype=np.int64))
-            if len(rows) == n:
-                return torch.from_numpy(np.stack(rows))
-    raise UserError(f"{data_dir}/val.bin has only {len(rows)} stories of at least {length} tokens: "
-                    f"lower --n or --length")
-
-
-def models_to_test(args):
-    """(name, model, real vocab size, training step or None) for every --ckpt or --init arch."""
-    if args.ckpt:
-        for path in args.ckpt:
-            ckpt = load_checkpoint(path)
-            yield path, model_from_checkpoint(ckpt, path).eval(), ckpt["data_meta"]["vocab_size"], ckpt.get("step")
-    for arch in args.init or ():
-        torch.manual_seed(args.seed)
-        config = config_from_flags(args, "invalid --init model", arch=arch)
-        yield f"untrained {arch}", Model(config).eval(), args.vocab_size, 0
-
 
 def check(name, model, args):
     """(layer, length) to measure, or a UserError before any work starts."""
@@ -180,8 +151,7 @@ def plot(rows, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def represent(args):
@@ -200,17 +170,9 @@ def represent(args):
         plot(rows, args.plot)
 
 
-def add_model_flags(parser, n_layer, n_embd):
-    """--ckpt and --init with the settings of untrained models: the models models_to_test yields."""
-    parser.add_argument("--ckpt", nargs="+", help="checkpoints from train.py (shell globs welcome)")
-    parser.add_argument("--init", nargs="+", choices=ARCHS, help="untrained models of these archs (the flags below)")
-    cli.add_model_flags(parser, defaults={"vocab_size": 4096, "block_size": 64, "n_layer": n_layer, "n_embd": n_embd},
-                        skip=("arch", "causal"), title="--init models (mixer.Config)")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_flags(p, n_layer=8, n_embd=256)
+    add_models_to_test_flags(p, n_layer=8, n_embd=256)
     p.add_argument("--data_dir", help="inputs from the start of val.bin's stories (default: random tokens)")
     p.add_argument("--n", type=positive_int, default=10, help="how many texts")
     p.add_argument("--length", type=positive_int, help="tokens per text (default: the model's block_size)")

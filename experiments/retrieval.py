@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import (COLOURS, HelpFormatter, autocast, load_checkpoint, load_model, machine, mean_and_range, pick_device,
-                 positive_float, positive_int, pyplot, run)
+from cli import (HelpFormatter, autocast, check_folder, load_checkpoint, load_model, pick_device,
+                 positive_float, positive_int, run, write_text)
 from data_prep import load_encoding
-from experiments.common import ResultStore, best_of, ranking
-from retrieve import (DEFAULT_STEPS, Recipe, RetrievalError, bm25_scores, candidate_counts, common_flags, cosine_scores,
-                      embed_texts, fine_tune, metrics_by_n, mixer_scores, read_pairs, recipe_flags, sentences_of, texts_of,
-                      train_retrieval_mixer)
+from experiments.common import (COLOURS, ResultStore, best_of, machine, mean_and_range, pyplot,
+                                ranking, save_figure)
+from retrieve import (DEFAULT_STEPS, InfoNCE, Recipe, RetrievalError, V1Mixer, bm25_scores,
+                      candidate_counts, check_pairs, common_flags, cosine_scores, embed_texts, fine_tune,
+                      metrics_by_n, mixer_scores, read_pairs, recipe_flags, sentences_of, settings_of,
+                      texts_of, train_retrieval_mixer)
 
 
 def variant_of(config):
@@ -53,7 +55,16 @@ def retrieval_data(args, enc):
     them, drawn with a fixed seed; it chooses the learning rates) and --held_out (reported only)."""
     pairs, held_out = read_pairs(args.pairs), read_pairs(args.held_out)
     if len(pairs) < 2 * args.val_pairs:
-        raise RetrievalError(f"{args.pairs} has {len(pairs)} pairs: too few to hold out --val_pairs {args.val_pairs}")
+        raise RetrievalError(f"{args.pairs} has {len(pairs)} pairs: too few to hold out --val_pairs "
+                             f"{args.val_pairs}")
+    # every count checked now, before hours of training: InfoNCE draws groups from the fitting pairs,
+    # the v1 mixer candidate sets from each split
+    fit = len(pairs) - args.val_pairs
+    check_pairs(fit, args.group, "fitting pairs", "--group", args.group)
+    if args.v1_lrs:
+        check_pairs(fit, args.candidates + 1, "fitting pairs", "--candidates", args.candidates)
+        check_pairs(args.val_pairs, args.candidates, "validation pairs", "--candidates", args.candidates)
+        check_pairs(len(held_out), args.candidates, "held-out pairs", "--candidates", args.candidates)
     order = np.random.default_rng(0).permutation(len(pairs))
     fit_pairs = [pairs[i] for i in order[args.val_pairs:]]
     return {"fit": texts_of(fit_pairs, enc), "fit_sentences": sentences_of(fit_pairs, enc) if args.crop else None,
@@ -82,18 +93,20 @@ def retrieval_run(method, path, lr, seed, data, args, device):
     {"val": {N: metrics}, "held_out": {N: metrics}}. infonce fine-tunes the LM and scores by cosine at
     every N; the v1 mixer scores its own number of candidates. raw: the LM as it is, by cosine."""
     model, _ = load_model(path, device)
-    recipe = Recipe.of(args, method=method, lr=lr, seed=seed, steps=args.steps if method == "infonce" else args.v1_steps)
+    steps = args.steps if method == "infonce" else args.v1_steps
+    recipe = settings_of(Recipe, args, lr=lr, seed=seed, steps=steps)
+    v1 = settings_of(V1Mixer, args)
     if method == "infonce":
-        fine_tune(model, *data["fit"], recipe, device, data["fit_sentences"])
+        fine_tune(model, *data["fit"], recipe, settings_of(InfoNCE, args), device, data["fit_sentences"])
     elif method == "mixer":
-        retrieval_mixer = train_retrieval_mixer(*untrained_embeddings(path, model, data, "fit", args, device), recipe)
-        retrieval_mixer.eval()
+        fit_embeddings = untrained_embeddings(path, model, data, "fit", args, device)
+        retrieval_mixer = train_retrieval_mixer(*fit_embeddings, recipe, v1).eval()
     results = {}
     for split in ("val", "held_out"):
         queries, stories = (frozen_embeddings(model, data[split], args, device) if method == "infonce"
                             else untrained_embeddings(path, model, data, split, args, device))
         if method == "mixer":
-            counts, score = [recipe.candidates], lambda c: mixer_scores(retrieval_mixer, queries, stories, c)  # noqa: B023
+            counts, score = [v1.candidates], lambda c: mixer_scores(retrieval_mixer, queries, stories, c)  # noqa: B023
         else:
             counts, score = candidate_counts(len(queries)), lambda c: cosine_scores(queries, stories, c)  # noqa: B023
         results[split] = metrics_by_n(score, len(queries), counts, args.seed)
@@ -149,6 +162,7 @@ def compare_method(runs, method, lrs, models):
 
 
 def compare(args):
+    check_folder(args.out_dir)
     device = pick_device(args.device)
     models, meta = language_models(args.ckpt)
     data = retrieval_data(args, load_encoding(meta))
@@ -208,7 +222,7 @@ def write_retrieval_results(args, models, raw, infonce, v1, bm25, data):
     if v1:
         lines += method_lines(f"v1: a retrieval mixer on frozen embeddings ({args.v1_steps} steps, "
                               f"{args.candidates} candidates)", v1, args.v1_lrs)
-    (Path(args.out_dir) / "results.md").write_text("\n".join(lines) + "\n")
+    write_text(Path(args.out_dir) / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -236,8 +250,7 @@ def plot_retrieval(args, infonce, bm25):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(Path(args.out_dir) / "results.png", dpi=110)
-    print(f"wrote {Path(args.out_dir) / 'results.png'}")
+    save_figure(fig, Path(args.out_dir) / "results.png")
 
 
 
