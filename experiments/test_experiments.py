@@ -4,23 +4,28 @@ and the workspace of bad inputs."""
 import argparse
 import csv
 import dataclasses
+import gc
 import json
 import re
+import shutil
+import signal
+import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cli
 import train
-from experiments import bench, common, compare, length, mixing, recall, represent, retrieval
+from experiments import bench, common, compare, curves, length, mixing, recall, represent, retrieval
 import mixer
 from mixer import Config, Model
-from test_mixer import (CKPT, TINY_RUN, assert_one_clear_line, count_fft_calls, read_log, run_main, run_train,
-                        synthetic_pairs, tiny_model, write_jsonl)
-from test_mixer import prepared, scaler_updates, workspace  # noqa: F401  (fixtures)
+from testkit import (CKPT, HERE, TINY_CURVES, TINY_RUN, assert_one_clear_line, count_fft_calls, read_log,
+                     run_main, run_train, synthetic_pairs, tiny_model, write_jsonl)
 
 
 # ---------------------------------------------------------------------------------------- bench.py
@@ -89,8 +94,6 @@ def activation_mb(arch, T, **kw):
 
 
 def test_memory_measurement_frees_the_model_and_its_graph():
-    import gc
-    import weakref
     weights = []  # a leaked graph keeps the parameters alive (and every activation with them)
     original = bench.Model
     bench.Model = lambda config: weights.append(weakref.ref((m := original(config)).lm_head.weight)) or m  # noqa: E731
@@ -184,9 +187,9 @@ def test_retrieval_compare_never_trains_on_its_validation_pairs(four_language_mo
         trained.update((tuple(q), tuple(s)) for q, s in zip(summaries, stories))
         return tune(model, summaries, stories, *a, **kw)
 
-    def spy_v1(summaries, stories, recipe):
+    def spy_v1(summaries, stories, recipe, v1):
         v1_rows.append(len(summaries))
-        return fit_v1(summaries, stories, recipe)
+        return fit_v1(summaries, stories, recipe, v1)
 
     monkeypatch.setattr(retrieval, "retrieval_data", spy_data)
     monkeypatch.setattr(retrieval, "fine_tune", spy_tune)
@@ -425,7 +428,8 @@ def test_a_transformer_learns_a_tiny_recall_task(tmp_path, capsys):
 
 EXPERIMENTS = {name: run_main(module) for name, module in
                {"represent": represent, "compare": compare, "bench": bench, "mixing": mixing, "recall": recall,
-                "retrieval": retrieval}.items()}
+                "retrieval": retrieval, "length": length, "curves": curves}.items()}
+CURVES_WS = [*TINY_CURVES, "--data_dir", "{ws}/data", "--out_dir", "{ws}/curves"]
 # (experiment, command line, words the error must contain). {ws} is the workspace folder.
 BAD_EXPERIMENT_INPUTS = [
     ("retrieval", ["--ckpt", CKPT, "--pairs", "{ws}/pairs.jsonl", "--held_out", "{ws}/pairs.jsonl",
@@ -437,7 +441,7 @@ BAD_EXPERIMENT_INPUTS = [
     ("represent", ["--ckpt", "{ws}/broken/ckpt.pt"], "not a readable checkpoint"),
     ("represent", ["--ckpt", CKPT, "--layer", "5"], "--layer 5 is out of range"),
     ("represent", ["--ckpt", CKPT, "--length", "1000"], "exceeds"),
-    ("represent", ["--init", "mixer", "--n_embd", "30", "--n_head", "4"], "not divisible"),
+    ("represent", ["--init", "transformer", "--n_embd", "30", "--n_head", "4"], "not divisible by n_head=4"),
     ("represent", ["--ckpt", CKPT, "--data_dir", "{ws}/nothing"], "run python data_prep.py"),
     ("bench", ["--n_layer", "0"], "n_layer must be at least 1"),
     ("bench", ["--memory", "--n_embd", "30", "--n_head", "4"], "not divisible"),
@@ -472,6 +476,35 @@ BAD_EXPERIMENT_INPUTS = [
     ("mixing", ["--init", "hybrid"], "give --data_dir"),
     ("mixing", ["--init", "transformer", "--vocab_size", "300", "--data_dir", "{ws}/data", "--n", "2", "--length", "8"],
      "knows 300"),
+    # every check before the work: pair counts against the candidates, vocabularies, folders, flags
+    ("retrieval", ["--ckpt", CKPT, "--pairs", "{ws}/pairs.jsonl", "--held_out", "{ws}/few_pairs.jsonl", "--val_pairs",
+                   "10", "--group", "8", "--candidates", "8", "--out_dir", "{ws}/rc"],
+     "5 held-out pairs: need at least --candidates 8"),
+    ("retrieval", ["--ckpt", CKPT, "--pairs", "{ws}/pairs.jsonl", "--held_out", "{ws}/pairs.jsonl", "--val_pairs",
+                   "6", "--group", "8", "--candidates", "8", "--out_dir", "{ws}/rc"],
+     "6 validation pairs: need at least --candidates 8"),
+    ("retrieval", ["--ckpt", CKPT, "--pairs", "{ws}/pairs.jsonl", "--held_out", "{ws}/pairs.jsonl", "--val_pairs",
+                   "10", "--out_dir", "{ws}/rc"], "30 fitting pairs: need at least --group 32"),
+    ("retrieval", ["--ckpt", CKPT, "--pairs", "{ws}/pairs.jsonl", "--held_out", "{ws}/pairs.jsonl", "--val_pairs",
+                   "10", "--group", "8", "--candidates", "8", "--out_dir", "{ws}/afile"], "is a file, not a folder"),
+    ("length", ["--ckpt", CKPT, "--data_dir", "{ws}/data1024", "--out_dir", "{ws}/ln"], "4096-token vocabulary"),
+    ("length", ["--ckpt", CKPT, "--out_dir", "{ws}/afile"], "is a file, not a folder"),
+    ("recall", ["--out_dir", "{ws}/afile"], "is a file, not a folder"),
+    ("compare", ["--archs", "mixer", "toeplitz", "--n_head", "2", "--out_dir", "{ws}/cmp"],
+     "--n_head has no effect on any of mixer, toeplitz"),
+    ("compare", ["--archs", "transformer", "--sweep", "mixing_bias=head,none", "--out_dir", "{ws}/cmp"],
+     "--mixing_bias has no effect on any of transformer"),
+    ("compare", ["--summary", "{ws}/cut_summary", "--out_dir", "{ws}/cmp"], "cut off or not JSON"),
+    ("curves", [*CURVES_WS, "--budgets", "0.0032,0.0016"], "budgets must be positive and increasing"),
+    ("curves", [*CURVES_WS, "--cooldown", "1.5"], "longer than the budget it cannot be"),
+    ("curves", [*CURVES_WS, "--block_size", "8"], "holds curves of other settings (block_size: 16 there, 8 here)"),
+    ("curves", [*CURVES_WS, "--out_dir", "{ws}/afile"], "is a file, not a folder"),
+    ("curves", [*CURVES_WS, "--archs", "mixer", "--lr", "mixer=1e-2", "--n_head", "2"],
+     "--n_head has no effect on any of mixer"),
+    ("curves", [*CURVES_WS, "--lr", "mixer=1e-2"], "no lr for transformer"),
+    ("curves", ["--predict", "{ws}/curves", "--tokens_per_s", "mixer=1000", "transformer=0"], "must be positive"),
+    ("curves", ["--predict", "{ws}/curves", "--tokens_per_s", "mixer=1000"], "none for transformer"),
+    ("curves", ["--predict", "{ws}/data"], "not a curves folder"),
 ]
 
 
@@ -683,10 +716,194 @@ def test_loss_against_position_past_the_trained_context(prepared, tmp_path, caps
         assert all(np.isfinite(c) for _, c in curve)
         past = [w for w, _ in curve[T:]]
         assert all(np.isnan(past)) if label == "mixer" else all(np.isfinite(past))
-    model = cli.load_model(paths[0])[0]  # the Toeplitz mixer's crop at the last position, by hand
-    window = length.draw_windows(train.load_data(prepared)[0]["val"].tokens, 3 * T, 4, 0)
-    losses = [torch.nn.functional.cross_entropy(model(w[None, 2 * T : 3 * T])[0][0, -1], w[-1]) for w in window]
-    assert curves["toeplitz"][-1][1] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-4)
+    # by hand, for every model on the same 4 windows (seed 0): the crop of a position is the T tokens
+    # that end there, and the whole loss is one forward of the window
+    windows = length.draw_windows(train.load_data(prepared)[0]["val"].tokens, 3 * T, 4, 0)
+    for path, label in zip(paths, ("toeplitz", "mixer", "transformer")):
+        model = cli.load_model(path)[0]
+        with torch.no_grad():
+            for p in (T + T // 2, 3 * T - 1):
+                crop = [F.cross_entropy(model(w[None, p - T + 1 : p + 1])[0][0, -1], w[p + 1]) for w in windows]
+                assert curves[label][p][1] == pytest.approx(torch.stack(crop).mean().item(), abs=1e-4)
+            if label != "mixer":
+                whole = [F.cross_entropy(model(w[None, :-1])[0][0, 2 * T], w[2 * T + 1]) for w in windows]
+                assert curves[label][2 * T][0] == pytest.approx(torch.stack(whole).mean().item(), abs=1e-4)
     table = (out / "table.md").read_text()
     assert re.search(r"^\| mixer \| \d+ \| whole \| [\d.]+ \| - \| - \|$", table, re.M)
     assert re.search(r"^\| toeplitz \| \d+ \| crop \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", table, re.M)
+
+
+# ---------------------------------------------------------------------------------------- curves.py
+
+def curve_rows(folder):
+    """{(arch, lr, seed, kind, step or budget): (train, val)} of a curves folder: what its runs measured."""
+    return {(r["arch"], r["lr"], r["seed"], r["kind"], r.get("budget", r["step"])): (r["train"], r["val"])
+            for r in common.ResultStore(folder).done}
+
+
+KILL_WHILE_WRITING = """import os, signal, sys
+from experiments import common, curves
+real, calls = common.ResultStore.append, []
+def append(self, row):
+    calls.append(row)
+    if len(calls) == 5:  # half of the fifth row, then SIGKILL: a kill while it writes
+        with open(self.path, "a") as f:
+            f.write('{"arch": "mix')
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(self, row)
+common.ResultStore.append = append
+curves.main(sys.argv[1:])
+"""
+
+
+def test_curves_killed_while_writing_resume_to_the_results_of_a_run_never_interrupted(prepared, tmp_path, capsys):
+    """SIGKILL in the middle of a results line: the rerun says so in one line, keeps the cut-off line,
+    trains what was lost again, and ends with every number of an uninterrupted run."""
+    argv = [*TINY_CURVES, "--data_dir", str(prepared)]
+    curves.main([*argv, "--out_dir", str(tmp_path / "straight")])
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_WRITING, *argv, "--out_dir", str(tmp_path / "cut")],
+                            cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "cut" / "results.jsonl").read_text().endswith('{"arch": "mix')
+    capsys.readouterr()
+    curves.main([*argv, "--out_dir", str(tmp_path / "cut")])
+    out = capsys.readouterr().out
+    assert out.count("1 line(s) cut off by an interrupted write") == 1
+    assert curve_rows(tmp_path / "cut") == curve_rows(tmp_path / "straight")
+    lines = (tmp_path / "cut" / "results.jsonl").read_text().splitlines()
+    assert '{"arch": "mix' in lines  # nothing deleted: the cut-off line stays, on its own line
+    assert (tmp_path / "cut" / "table.md").read_text() == (tmp_path / "straight" / "table.md").read_text().replace(
+        str(tmp_path / "straight"), str(tmp_path / "cut"))
+
+
+def test_a_finished_curves_run_is_not_trained_again_when_its_checkpoint_is_gone(workspace, tmp_path, monkeypatch):
+    """A new session holds the committed results.jsonl but not stable.pt: its finished runs stay done."""
+    folder = tmp_path / "curves"
+    shutil.copytree(workspace / "curves", folder, ignore=shutil.ignore_patterns("*.pt"))
+    before = (folder / "results.jsonl").read_text()
+    monkeypatch.setattr(curves, "Trainer", lambda *a: pytest.fail("a finished run was trained again"))
+    curves.main([*TINY_CURVES, "--data_dir", str(workspace / "data"), "--out_dir", str(folder)])
+    assert (folder / "results.jsonl").read_text() == before
+
+
+def test_a_cooldown_branch_leaves_the_stable_run_as_it_was(prepared, tmp_path):
+    """Budgets 0.0016 and 0.0032 against 0.0032 alone: the stable run and the last budget's branch give the
+    same numbers whether or not a branch was taken off the stable run before (each branch restores it)."""
+    base = [a for a in TINY_CURVES if a not in ("0.0016,0.0032",)]
+    both = tmp_path / "both"
+    curves.main([*base, "--budgets", "0.0016,0.0032", "--data_dir", str(prepared), "--out_dir", str(both)])
+    one = tmp_path / "one"
+    curves.main([*base, "--budgets", "0.0032", "--data_dir", str(prepared), "--out_dir", str(one)])
+    with_branch, without = curve_rows(both), curve_rows(one)
+    shared = [k for k in without if k[3] == "stable" or k[4] == 3200]
+    assert len(shared) >= 8 and all(with_branch[k] == without[k] for k in shared)
+    assert len([k for k in with_branch if k[3] == "budget"]) == 8  # 2 archs x 2 seeds x 2 budgets
+
+
+def test_the_wsd_schedule_warms_up_holds_and_cools_down_to_zero():
+    assert [curves.stable_lr(1.0, step, 4) for step in (0, 3, 4, 100)] == [0.25, 1.0, 1.0, 1.0]
+    start, steps = curves.budget_steps(1000, 0.2, 10)  # 100 steps in all, the last 20 cool down
+    assert (start, steps) == (80, 20)
+    lrs = [curves.cooldown_lr(0.5, i, steps) for i in range(steps)]
+    assert lrs[0] == 0.5 and lrs[-1] == pytest.approx(0.025) and lrs == sorted(lrs, reverse=True)
+
+
+def test_curves_select_an_lr_on_one_seed_and_confirm_it_on_fresh_ones(prepared, tmp_path, capsys):
+    curves.main(["--archs", "mixer", "--lr", "mixer=1e-2,1e-5", "--block_size", "16", "--batch_size", "4",
+                 "--n_embd", "16", "--n_layer", "1", "--budgets", "0.0016,0.0032", "--warmup_iters", "5",
+                 "--eval_iters", "2", "--compile", "false", "--data_dir", str(prepared), "--out_dir", str(tmp_path)])
+    runs = {(r["lr"], r["seed"]) for r in common.ResultStore(tmp_path).done}
+    assert runs == {(1e-2, 1337), (1e-5, 1337), (1e-2, 1338), (1e-2, 1339)}  # 1e-5 barely moves in 50 steps
+    assert "mixer: lr 0.01 is best of 0.01, 1e-05 on seed 1337" in capsys.readouterr().out
+    table = (tmp_path / "table.md").read_text()
+    assert "| mixer | 0.01 (chosen) |" in table and "| mixer | 1e-05 |" in table
+    assert re.search(r"^\| 0\.0032 \| 0\.0\d \| [\d.]+ \([\d.]+-[\d.]+\) \|$", table, re.M)  # 2 seeds
+
+
+def test_crossovers_and_predictions_by_hand():
+    rows = [{"arch": a, "lr": 1.0, "seed": s, "kind": "budget", "budget": b, "val": v, "train": v}
+            for a, vals in (("mixer", {100: (3.0, 3.1), 200: (2.8, 2.9), 400: (2.7, 2.75)}),
+                            ("transformer", {100: (3.3, 3.4), 200: (2.85, 2.95), 400: (2.5, 2.55)}))
+            for b, pair in vals.items() for s, v in zip((1, 2), pair)]
+    line = curves.crossover(rows, [100, 200, 400], "mixer", "transformer")
+    assert line == ("mixer vs transformer: **transformer ahead from 0.0004M on** up to 0.0004M (by budget: "
+                    "0.0001M: mixer, 0.0002M: overlap, 0.0004M: transformer)")
+    assert curves.predicted_loss(rows, "mixer", [100, 200, 400], 200) == [2.8, 2.9]
+    halfway = curves.predicted_loss(rows, "mixer", [100, 200, 400], 100 * 2 ** 0.5)  # linear in log tokens
+    assert halfway == pytest.approx([2.9, 3.0])
+    assert curves.predicted_loss(rows, "mixer", [100, 200, 400], 800) is None  # past the curves
+
+
+def test_predict_ranks_the_archs_at_each_budget_of_minutes_and_summary_draws_them(workspace, tmp_path, capsys):
+    folder = workspace / "curves"
+    # the budgets are 1,600 and 3,200 tokens: at 1 minute both archs lie between them, at 0.5 before, at 2 past
+    curves.main(["--predict", str(folder), "--tokens_per_s", "mixer=40", "transformer=30", "--minutes", "0.5,1,2"])
+    out = capsys.readouterr().out
+    assert "tokens/s (as given): mixer 40, transformer 30" in out
+    rows = re.findall(r"^\| ([\d.]+) \| (.*) \| (.*) \| (.*) \|$", out, re.M)
+    assert [r[0] for r in rows] == ["0.5", "1", "2"]
+    assert rows[0][1] == "not measured (0.00M tokens)" and "no verdict: the curves cover" in rows[0][3]
+    assert re.fullmatch(r"[\d.]+ \([\d.]+-[\d.]+\) at 0\.00M", rows[1][1]) and "no verdict" not in rows[1][3]
+    assert re.search(r"(mixer|transformer) (<|vs) (mixer|transformer)", rows[1][3])
+    assert "no verdict" in rows[2][3]
+    curves.main(["--summary", str(folder), "--out_dir", str(tmp_path)])
+    assert (tmp_path / "curves.md").is_file() and (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "### Crossovers" in (tmp_path / "curves.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------- nothing lost
+
+def test_a_cut_off_results_line_is_reported_redone_and_kept(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text('{"k": 1, "v": 10}\n{"k": 2, "v"')
+    store = common.ResultStore(tmp_path)
+    assert "1 line(s) cut off by an interrupted write" in capsys.readouterr().out
+    assert store.get({"k": 1}, lambda: {"v": 0}) == ({"k": 1, "v": 10}, True)
+    assert store.get({"k": 2}, lambda: {"v": 20}) == ({"k": 2, "v": 20}, False)  # done again
+    assert (tmp_path / "results.jsonl").read_text() == '{"k": 1, "v": 10}\n{"k": 2, "v"\n{"k": 2, "v": 20}\n'
+    assert [r["v"] for r in common.ResultStore(tmp_path).done] == [10, 20]
+
+
+def test_a_run_too_short_to_time_has_no_tokens_per_second():
+    assert compare.speed_cells([{"tokens": "100", "elapsed_s": "0.0"}]) == "-"
+    assert compare.speed_cells([{"tokens": "100", "elapsed_s": "2.0"}, {"tokens": "300", "elapsed_s": "2.0"}]) == \
+        "100 (50-150)"
+
+
+def test_a_comparison_with_the_toeplitz_mixer_gives_each_variant_its_own_flags(tmp_path, monkeypatch):
+    """The README's sweep: toeplitz is the mixer with --mixing toeplitz; --n_head goes to attention only,
+    --mixing_bias to the mixers only."""
+    commands = {}
+
+    def fake(argv):
+        out = Path(argv[argv.index("--out_dir") + 1])
+        commands[out.name] = argv
+        out.mkdir(parents=True)
+        (out / "log.csv").write_text(f"step,tokens,train_loss,val_loss,elapsed_s\n10,1000,3.0,{3 + len(out.name) / 100},60\n")
+        torch.save({"model": {"w": torch.zeros(3)}, "config": {"n_embd": 8, "n_layer": 1, "block_size": 64,
+                    "vocab_size": 64}, "data_meta": {}, "train_args": {"layout": "packed", "max_iters": 10**9},
+                    "elapsed": 60, "step": 10}, out / "ckpt.pt")
+        return {"interrupted": False}
+
+    monkeypatch.setattr(compare, "train_run", fake)
+    compare.main(["--sweep", "lr=1e-3,3e-3", "--archs", "mixer", "toeplitz", "transformer", "--seeds", "1",
+                  "--minutes", "1", "--n_head", "4", "--mixing_bias", "head", "--out_dir", str(tmp_path)])
+    flags = {name: " ".join(argv) for name, argv in commands.items()}
+    toeplitz = [f for name, f in flags.items() if name.startswith("toeplitz-")]
+    transformer = [f for name, f in flags.items() if name.startswith("transformer-")]
+    assert len(toeplitz) == 3 and all("--arch mixer --mixing toeplitz" in f and "--mixing_bias head" in f
+                                      and "--n_head" not in f for f in toeplitz)
+    assert len(transformer) == 3 and all("--n_head 4" in f and "--mixing_bias" not in f for f in transformer)
+    assert "| toeplitz |" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_stream_times_the_cache_against_crop_and_recompute(monkeypatch, capsys):
+    calls, real = [], mixer.Model.generate
+
+    def spy(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        calls.append(use_cache)
+        return real(self, idx, max_new_tokens, temperature, top_k, use_cache)
+
+    monkeypatch.setattr(mixer.Model, "generate", spy)
+    config = Config(arch="mixer", mixing="toeplitz", vocab_size=64, block_size=8, n_layer=1, n_embd=16)
+    cached, recomputed = bench.bench_stream(config, argparse.Namespace(repeats=2), torch.device("cpu"))
+    assert calls == [True, False, True, False] and len(cached) == len(recomputed) == 2
