@@ -168,7 +168,8 @@ def test_gradients_of_every_parameter_match_finite_differences(variant):
         logits, _ = torch.func.functional_call(model, dict(zip(names, values)), (idx,))
         return F.cross_entropy(logits.flatten(0, 1), idx.flatten())
 
-    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4)
+    # fast_mode compares v^T J u for random u and v: a wrong or missing gradient anywhere changes it
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "toeplitz"])
@@ -423,11 +424,15 @@ def test_flops_count_the_mixing_matmuls():
 def test_overfits_one_batch_of_real_text(variant, gpt2):
     text = SAMPLE_TEXT.read_text(encoding="utf-8")[:20000]
     tokens = torch.tensor(gpt2.encode(text, allowed_special={"<|endoftext|>"})[: 4 * 33]).view(4, 33)
-    model = tiny_model(variant, perturb=False, vocab_size=50304, block_size=32, n_embd=64).train()
+    # renumbered 0..73, the batch's own vocabulary: the same text at a tenth of the cost of a 50,304-row
+    # embedding. Its next token given the current one alone has 0.62 nats of entropy, so a loss under 0.5
+    # takes the earlier context: the mixing must carry it.
+    tokens = torch.unique(tokens, return_inverse=True)[1]
+    model = tiny_model(variant, perturb=False, vocab_size=128, block_size=32, n_embd=64).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(60):
         _, loss = model(tokens[:, :-1], tokens[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.5, f"{variant} did not memorise 128 tokens: loss {loss.item():.3f} (starts near 10.8)"
+    assert loss.item() < 0.5, f"{variant} did not memorise 128 tokens: loss {loss.item():.3f} (starts near 4.9)"
