@@ -11,6 +11,11 @@ from testkit import (SAMPLE_TEXT, STORIES, TINY_CURVES, TINY_RUN, official_txt, 
                      run_train, synthetic_pairs, write_jsonl)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: runs torch.compile, tens of seconds per graph on a cold cache "
+                                       "(the quick loop leaves these out: -m 'not compile')")
+
+
 @pytest.fixture(scope="session")
 def gpt2():
     tiktoken = pytest.importorskip("tiktoken")

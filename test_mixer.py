@@ -173,7 +173,8 @@ def test_gradients_of_every_parameter_match_finite_differences(variant):
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "toeplitz"])
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)],
+                         ids=["eager", "compiled"])
 def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
     """The training modes of a CPU with native bf16 (autocast, optionally torch.compile): earlier outputs
     are exactly blind to a later token, and masked mixing weights get exactly zero gradient."""
@@ -202,6 +203,7 @@ def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
         assert torch.count_nonzero(m.weight.grad[:, ~above]) > 0.9 * (~above).sum() * m.weight.size(0)
 
 
+@pytest.mark.compile
 @pytest.mark.skipif(not HAS_C_COMPILER, reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_model_with_the_generation_cache_equals_eager():
     """The hybrid holds both caches (mixer inputs and attention K/V)."""
