@@ -172,9 +172,12 @@ def test_gradients_of_every_parameter_match_finite_differences(variant):
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "toeplitz"])
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)],
-                         ids=["eager", "compiled"])
+# Compiled: the hybrid (attention and the full mixing in one graph) and the Toeplitz mixer, so every
+# kind of token mixing goes through inductor; each graph costs 10-30 s to compile on a cold cache.
+@pytest.mark.parametrize("arch, compiled", [*[(arch, False) for arch in (*ARCHS, "toeplitz")],
+                                            *[pytest.param(arch, True, marks=pytest.mark.compile)
+                                              for arch in ("hybrid", "toeplitz")]],
+                         ids=lambda v: {False: "eager", True: "compiled"}.get(v, v) if isinstance(v, bool) else v)
 def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
     """The training modes of a CPU with native bf16 (autocast, optionally torch.compile): earlier outputs
     are exactly blind to a later token, and masked mixing weights get exactly zero gradient."""
