@@ -189,11 +189,10 @@ def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
     changed = idx.clone()
     changed[:, 5] = (idx[:, 5] + 1) % 256
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = run(idx, idx)
+        logits, loss = run(idx, idx)
         loss.backward()
-        with torch.no_grad():  # both through the same (inference) graph: compile makes one per mode
-            logits, _ = run(idx)
-            logits_changed, _ = run(changed)
+        logits_changed, _ = run(changed, changed)  # the same (training) graph: one compile per arch
+    logits, logits_changed = logits.detach(), logits_changed.detach()
     assert logits.dtype == torch.bfloat16  # autocast was in effect
     assert torch.equal(logits[:, :5], logits_changed[:, :5]), "a later token changed an earlier output"
     assert (logits[:, 5:] != logits_changed[:, 5:]).any(-1).all()
@@ -207,11 +206,13 @@ def test_bf16_autocast_and_compile_keep_causality_and_the_mask(arch, compiled):
 
 
 @pytest.mark.compile
-@pytest.mark.skipif(not HAS_C_COMPILER, reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_model_with_the_generation_cache_equals_eager():
-    """The hybrid holds both caches (mixer inputs and attention K/V)."""
+    """The hybrid holds both caches (mixer inputs and attention K/V). What compile can get wrong here is
+    the tracing: the cache's in-place appends and the guards on its length. aot_eager traces as inductor
+    does (dynamo, then AOTAutograd) without generating kernels, a fifth of the time on a cold cache;
+    inductor's kernels for these ops are compiled by the test above."""
     model = tiny_model("hybrid")
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="aot_eager")
     idx = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
     cache = mixer.Cache()
     with torch.no_grad():
