@@ -471,19 +471,18 @@ def moved_runs(rows):
 
 
 def ahead_at(runs, a, b, budget):
-    """a or b where every seed of it is below every seed of the other at budget, else None."""
+    """a or b where every seed of it is below every seed of the other at budget, else None (two seeds
+    or more of each: one seed has no spread, and gives no ranking)."""
     va, vb = budget_losses(runs, a, budget), budget_losses(runs, b, budget)
-    if len(va) < 2 or len(vb) < 2:
-        return None  # one seed: no spread, no ranking
     return a if max(va) < min(vb) else b if max(vb) < min(va) else None
 
 
 def crossover(runs, budgets, a, b):
     """One sentence: the budget from which every seed of one arch stays ahead of every seed of the
     other up to the largest budget, and who was ahead before (each budget where a seed order holds)."""
-    measured = [B for B in budgets if budget_losses(runs, a, B) and budget_losses(runs, b, B)]
+    measured = [B for B in budgets if min(len(budget_losses(runs, a, B)), len(budget_losses(runs, b, B))) >= 2]
     if not measured:
-        return f"{a} vs {b}: not measured yet"
+        return f"{a} vs {b}: not ranked yet (no budget with two seeds of each)"
     leaders = [ahead_at(runs, a, b, B) for B in measured]
     end = f"{measured[-1] / 1e6:g}M"
     trail = len(leaders)
@@ -512,6 +511,9 @@ def table_lines(settings, rows, command):
     the cosine check, for one context length."""
     runs = confirmed(settings, rows)
     archs, epoch, budgets = archs_of(runs), settings["train_tokens"], settings["budgets"]
+    if not archs:
+        return [f"# Loss curves at T = {settings['block_size']}", "", f"`{command}`" if command else "",
+                "", "No confirmation run has reached a budget yet.", *selection_lines(settings, rows)]
     moved = moved_runs(rows)
     lr_of = {a: sorted({r["lr"] for r in runs if r["arch"] == a}) for a in archs}
     header = "| budget (M tokens) | epochs | " + " | ".join(f"{a} (lr {', '.join(f'{x:g}' for x in lr_of[a])})"

@@ -829,6 +829,9 @@ def test_crossovers_and_predictions_by_hand():
     line = curves.crossover(rows, [100, 200, 400], "mixer", "transformer")
     assert line == ("mixer vs transformer: **transformer ahead from 0.0004M on** up to 0.0004M (by budget: "
                     "0.0001M: mixer, 0.0002M: overlap, 0.0004M: transformer)")
+    one_seed = [r for r in rows if r["arch"] == "transformer" or r["seed"] == 1]  # no spread: no ranking
+    assert curves.crossover(one_seed, [100, 200, 400], "mixer", "transformer") == \
+        "mixer vs transformer: not ranked yet (no budget with two seeds of each)"
     assert curves.predicted_loss(rows, "mixer", [100, 200, 400], 200) == [2.8, 2.9]
     halfway = curves.predicted_loss(rows, "mixer", [100, 200, 400], 100 * 2 ** 0.5)  # linear in log tokens
     assert halfway == pytest.approx([2.9, 3.0])
