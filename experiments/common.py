@@ -108,6 +108,9 @@ def ranking(by_arch, higher_is_better=False, fmt=".3f", unit=""):
         return ["One arch only: nothing to rank."]
     if all(len(v) == 1 for v in by_arch.values()):
         return ["One seed per arch: no spread was measured, so no ranking is claimed (use --seeds 2 or more)."]
+    single = [a for a, v in by_arch.items() if len(v) == 1]
+    if single:  # (a run still going, say): its spread is unknown
+        return [f"One seed of {', '.join(single)}: no spread was measured, so no ranking is claimed."]
     order = sorted(by_arch, key=lambda a: statistics.mean(by_arch[a]), reverse=higher_is_better)
     sign, side = (">", "above") if higher_is_better else ("<", "below")
     lines = []

@@ -615,6 +615,8 @@ def test_the_ranking_rule_speaks_only_where_the_seeds_allow():
     assert common.ranking({"mixer": [2.0, 2.3], "transformer": [2.2, 2.25]}) == [
         "mixer vs transformer: 0.075 apart, within the spread between seeds: no ranking."]
     assert "no ranking is claimed" in common.ranking({"mixer": [2.0], "transformer": [2.5]})[0]
+    assert common.ranking({"mixer": [2.0], "transformer": [2.5, 2.6]}) == [
+        "One seed of mixer: no spread was measured, so no ranking is claimed."]
     assert common.ranking({"mixer": [2.0, 2.1]}) == ["One arch only: nothing to rank."]
 
 
