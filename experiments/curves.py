@@ -603,6 +603,9 @@ def predict(args):
         settings, rows = read_curves(folder)
         runs = confirmed(settings, rows)
         archs, budgets = archs_of(runs), settings["budgets"]
+        if not archs:
+            print(f"\n# T = {settings['block_size']} ({folder}): no confirmation run has reached a budget yet")
+            continue
         speeds = args.tokens_per_s or measure_speeds(settings, archs, args)
         missing = [a for a in archs if a not in speeds]
         if missing:

@@ -857,6 +857,19 @@ def test_predict_ranks_the_archs_at_each_budget_of_minutes_and_summary_draws_the
     assert "### Crossovers" in (tmp_path / "curves.md").read_text()
 
 
+def test_curves_not_yet_confirmed_say_so_in_the_table_and_the_prediction(workspace, tmp_path, capsys):
+    """A folder whose confirmation runs have not reached a budget (only the selection seed has)."""
+    folder = tmp_path / "started"
+    folder.mkdir()
+    shutil.copy(workspace / "curves" / "settings.json", folder)
+    rows = [json.loads(line) for line in (workspace / "curves" / "results.jsonl").read_text().splitlines()]
+    (folder / "results.jsonl").write_text("".join(json.dumps({**r, "seed": 1337}) + "\n" for r in rows if r["seed"] == 1338))
+    curves.main(["--predict", str(folder), "--tokens_per_s", "mixer=40", "transformer=30"])
+    assert "no confirmation run has reached a budget yet" in capsys.readouterr().out
+    curves.write_table(folder, None)
+    assert "No confirmation run has reached a budget yet." in (folder / "table.md").read_text()
+
+
 # ---------------------------------------------------------------------------------------- nothing lost
 
 def test_a_cut_off_results_line_is_reported_redone_and_kept(tmp_path, capsys):
