@@ -588,12 +588,16 @@ def cosine_lines(settings, rows):
 
 def predicted_loss(runs, arch, budgets, tokens):
     """[val loss per seed] of a run of `tokens` tokens: each seed's budget losses, linear in log tokens
-    between budgets; None outside the measured budgets."""
-    measured = [B for B in budgets if budget_losses(runs, arch, B)]
-    if not measured or not measured[0] <= tokens <= measured[-1]:
-        return None
-    per_budget = np.array([budget_losses(runs, arch, B) for B in measured])  # [budgets, seeds]
-    return [float(np.interp(math.log(tokens), np.log(measured), per_budget[:, s])) for s in range(per_budget.shape[1])]
+    between its budgets, for the seeds whose budgets reach that far (a run still going covers less);
+    None where no seed does."""
+    losses = []
+    for seed in sorted({r["seed"] for r in runs if r["arch"] == arch}):
+        val = {r["budget"]: r["val"] for r in runs
+               if r["arch"] == arch and r["seed"] == seed and r["kind"] == "budget"}
+        measured = [B for B in budgets if B in val]
+        if measured and measured[0] <= tokens <= measured[-1]:
+            losses.append(float(np.interp(math.log(tokens), np.log(measured), [val[B] for B in measured])))
+    return losses or None
 
 
 def predict(args):

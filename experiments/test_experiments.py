@@ -838,6 +838,8 @@ def test_crossovers_and_predictions_by_hand():
     halfway = curves.predicted_loss(rows, "mixer", [100, 200, 400], 100 * 2 ** 0.5)  # linear in log tokens
     assert halfway == pytest.approx([2.9, 3.0])
     assert curves.predicted_loss(rows, "mixer", [100, 200, 400], 800) is None  # past the curves
+    going = [r for r in rows if not (r["arch"] == "mixer" and r["seed"] == 2 and r["budget"] == 400)]
+    assert curves.predicted_loss(going, "mixer", [100, 200, 400], 300) == [pytest.approx(2.7 + 0.1 * (1 - np.log2(1.5)))]
 
 
 def test_predict_ranks_the_archs_at_each_budget_of_minutes_and_summary_draws_them(workspace, tmp_path, capsys):
