@@ -9,20 +9,26 @@ run of each budget B reaches, for several budgets from one run per arch and seed
     python -m experiments.curves --predict out-curves/T128 --tokens_per_s mixer=3500 transformer=3200
     python -m experiments.curves --summary out-curves/T128 out-curves/T512 --out_dir out-curves
 
-The schedule is warmup-stable-decay (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
-Beyond Fixed Training Durations"): a linear warmup, then a constant lr (the stable run). At each
-budget B (--budgets, millions of tokens) a cooldown branches off the stable run at (1 - --cooldown) x B
-and takes the lr linearly to 0 by B: what a run of exactly B tokens reaches, for 20% more tokens per
-budget, where a cosine schedule would need a whole run per budget (its early points are not what a
-shorter run reaches: it has not decayed yet). --cosine_check B trains cosine runs of B tokens for the
-first arch, on the same seeds, to show that the two agree.
+Each budget B (--budgets, millions of tokens) is its own run of B tokens with train.py's schedule
+(--schedule cosine, the default: a linear warmup, then cosine to 0.1 x lr by B): what a user who
+trains for B tokens gets. A cosine run's early points are not what a shorter run reaches (it has not
+decayed yet), hence one run per budget.
+
+--schedule wsd is the cheaper way (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training
+Beyond Fixed Training Durations"): one run at a constant lr after the warmup (the stable run), and at
+each budget a cooldown branching off it at (1 - --cooldown) x B that takes the lr linearly to 0 by B,
+for about 60% of the tokens of the cosine runs. --cosine_check B trains cosine runs of B tokens for
+the first arch beside it. Measured here (RESULTS.md section 12) it does not stand in for cosine runs
+for every arch: at 1M tokens and T = 128 the cosine runs were 0.07 below the branches for the mixer
+at lr 3e-2 and 0.02 above them for the transformer, so the comparisons use the cosine runs.
 
 Each arch trains at the lr --lr gives it. An arch given several (--lr mixer=1e-2,3e-3) is selected on
 --seed by val loss at the largest budget, and the best lr is confirmed on --seeds fresh seeds (--seed
 + 1, ...); an arch given one lr (chosen elsewhere: RESULTS.md section 1) trains on the fresh seeds only.
 Every eval uses the same fixed windows of the train and val splits, for every arch, seed and budget.
 
---out_dir holds one folder per run (stable.pt: the stable run, to resume), settings.json (what makes
+--out_dir holds one folder per run (run.pt: a cosine run under way, to resume; stable.pt: the stable
+run of --schedule wsd), settings.json (what makes
 its results comparable: a rerun with other settings is refused), results.jsonl (every eval, one line
 each) and table.md. Run the same command again after an interruption: it continues where it stopped.
 Two commands with different --archs may share an --out_dir at once (one per core).
@@ -61,11 +67,12 @@ EVAL_SEED = 0            # the eval windows: one fixed draw, the same for every 
 FIRST_EVAL = 2**15       # tokens at the stable run's first eval; then EVALS_PER_DOUBLING evals per doubling
 EVALS_PER_DOUBLING = 2
 MINUTES = (3, 10, 30, 60)  # --predict's equal-time budgets
+BUDGET_KIND = {"cosine": "cosine", "wsd": "budget"}  # the rows of the loss a run of each budget reaches
 
 
 class Job(NamedTuple):
-    """One training run: the stable run of an arch at an lr and seed, with its cooldown branches
-    (schedule "wsd"), or one cosine run of `budget` tokens (schedule "cosine", --cosine_check)."""
+    """One training run: a cosine run of `budget` tokens (schedule "cosine"), or the stable run of
+    an arch at an lr and seed with its cooldown branches (schedule "wsd")."""
     arch: str
     lr: float
     seed: int
@@ -258,23 +265,30 @@ def cool_down(trainer, lr_from, steps, budget):
 
 
 def train_cosine(job, setup, store):
-    """A cosine run of job.budget tokens (train.py's schedule: warmup, then cosine to 0.1 x lr), to set
-    beside the cooldown branch of the same budget. Short: no checkpoint, a killed one starts again."""
+    """A run of job.budget tokens with train.py's schedule (warmup, then cosine to 0.1 x lr), evaluated
+    at its end. Resumes from the folder's run.pt, saved at every log line and removed when it ends."""
     args = setup.args
     total = max(1, round(job.budget / setup.tokens_per_step))
     schedule = train.Schedule(job.lr, args.warmup_iters, 0.1, "cosine")
     warmup_end = min(args.warmup_iters / total, 1.0)
+    ckpt = job.folder(args.out_dir) / "run.pt"
 
     def run_it():
         trainer = Trainer(job, setup)
+        if ckpt.exists():
+            trainer.load(ckpt)
+            print(f"  continuing from step {trainer.step} ({ckpt})", flush=True)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
         while trainer.step < total:
             lr = schedule.lr_at(trainer.step / total, trainer.step, warmup_end)
             trainer.train_step(lr)
             if trainer.step % args.log_interval == 0:
                 progress(job, trainer, lr, " (cosine)")
+                trainer.save(ckpt)
         return trainer.eval_row(schedule.lr_at(1.0, total, warmup_end), budget_tokens=job.budget)
 
     row, done = store.get({**job.key(), "kind": "cosine", "budget": job.budget}, run_it)
+    ckpt.unlink(missing_ok=True)  # the row holds what the run measured
     if not done:
         say(job, row, f"cosine {job.budget / 1e6:g}M")
 
@@ -297,28 +311,33 @@ def jobs_and_selection(args, store):
     """Train every run: for each arch given several lrs, the selection runs on --seed first and the
     best lr (val loss at the largest budget) then; each arch's lr on the confirmation seeds."""
     seeds = range(args.seed + 1, args.seed + 1 + args.seeds)
+    largest = max(args.budgets)
     chosen = {}
     for arch in args.archs:
         lrs = args.lr[arch]
         if len(lrs) > 1:
-            for lr in lrs:
-                yield Job(arch, lr, args.seed)
-            chosen[arch] = best_lr(store_rows(args.out_dir), arch, lrs, args.seed, max(args.budgets))
+            for lr in lrs:  # cosine: the largest budget's run only, where the lr is chosen
+                yield Job(arch, lr, args.seed, args.schedule, largest if args.schedule == "cosine" else None)
+            chosen[arch] = best_lr(store_rows(args.out_dir), BUDGET_KIND[args.schedule], arch, lrs, args.seed,
+                                   largest)
             print(f"{arch}: lr {chosen[arch]:g} is best of {', '.join(f'{lr:g}' for lr in lrs)} on seed "
-                  f"{args.seed} at {max(args.budgets) / 1e6:g}M tokens", flush=True)
+                  f"{args.seed} at {largest / 1e6:g}M tokens", flush=True)
         else:
             chosen[arch] = lrs[0]
     for seed in seeds:
         for arch in args.archs:
-            yield Job(arch, chosen[arch], seed)
+            if args.schedule == "cosine":
+                yield from (Job(arch, chosen[arch], seed, "cosine", budget) for budget in args.budgets)
+            else:
+                yield Job(arch, chosen[arch], seed)
     if args.cosine_check:
         for seed in seeds:
             yield Job(args.archs[0], chosen[args.archs[0]], seed, "cosine", args.cosine_check)
 
 
-def best_lr(rows, arch, lrs, seed, budget):
+def best_lr(rows, kind, arch, lrs, seed, budget):
     val = {r["lr"]: r["val"] for r in rows
-           if r["arch"] == arch and r["seed"] == seed and r["kind"] == "budget" and r["budget"] == budget}
+           if r["arch"] == arch and r["seed"] == seed and r["kind"] == kind and r["budget"] == budget}
     return min(lrs, key=lambda lr: val[lr])
 
 
@@ -333,7 +352,9 @@ def curves(args, command):
     store = ResultStore(args.out_dir)
     print(f"{setup.machine}, {setup.dtype}" + (", compiled" if setup.compile else "") +
           f"; {setup.tokens_per_step:,} tokens/step; budgets " +
-          ", ".join(f"{b / 1e6:g}M" for b in args.budgets) + f" (cooldown {args.cooldown:.0%} of each)", flush=True)
+          ", ".join(f"{b / 1e6:g}M" for b in args.budgets) +
+          (" (a cosine run each)" if args.schedule == "cosine" else f" (cooldown {args.cooldown:.0%} of each)"),
+          flush=True)
     for n, job in enumerate(jobs_and_selection(args, store), 1):
         print(f"[{n}] {job.arch} lr {job.lr:g} seed {job.seed}" +
               (f", cosine to {job.budget / 1e6:g}M" if job.schedule == "cosine" else "") +
@@ -360,7 +381,8 @@ def make_setup(args):
     model = {name: model_flags.get(name, train.Config.__dataclass_fields__[name].default) for name in MODEL_FIELDS}
     settings = {"block_size": args.block_size, "batch_size": args.batch_size, "model": model,
                 "vocab_size": vocab_size, "train_tokens": meta["tokens"]["train"],
-                "val_tokens": meta["tokens"]["val"], "budgets": args.budgets, "cooldown": args.cooldown,
+                "val_tokens": meta["tokens"]["val"], "budgets": args.budgets, "schedule": args.schedule,
+                "cooldown": args.cooldown,
                 "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay,
                 "grad_clip": args.grad_clip, "eval_iters": args.eval_iters, "seed": args.seed}
     check_settings(out_dir, settings)
@@ -376,7 +398,7 @@ def check_settings(out_dir, settings):
     """settings.json of out_dir: written on the first run, and every later run must match it."""
     path = out_dir / "settings.json"
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_settings(path)
         differ = [k for k in settings if saved.get(k) != settings[k]]
         if differ:
             raise UserError(f"{out_dir} holds curves of other settings ({differ[0]}: {saved.get(differ[0])} there, "
@@ -409,6 +431,17 @@ def parse_lrs(specs, archs):
     return lrs
 
 
+def check_schedule_flags(args):
+    """--cooldown and --cosine_check shape the wsd schedule: refused beside cosine runs."""
+    if args.schedule == "cosine":
+        given = [flag for flag in ("cooldown", "cosine_check") if getattr(args, flag) is not None]
+        if given:
+            raise UserError(f"--{given[0]} has no effect with --schedule cosine (each budget is a cosine run of "
+                            "its own): drop it, or give --schedule wsd")
+    elif args.cooldown is None:
+        args.cooldown = 0.2
+
+
 def parse_budgets(text):
     """Budgets in millions of tokens, increasing: 0.25,0.5,1 -> [250000, 500000, 1000000]."""
     try:
@@ -436,13 +469,20 @@ def read_curves(out_dir):
     if not Path(out_dir).is_dir() or not path.is_file():
         raise UserError(f"{path} not found: {out_dir} is not a curves folder (run python -m experiments.curves "
                         f"... --out_dir {out_dir} first)")
-    return json.loads(path.read_text()), store_rows(out_dir)
+    return read_settings(path), store_rows(out_dir)
+
+
+def read_settings(path):
+    settings = json.loads(path.read_text())
+    settings.setdefault("schedule", "wsd")  # a folder written before --schedule: wsd was the only one
+    return settings
 
 
 def confirmed(settings, rows):
-    """The rows of the runs that count: the WSD runs on the confirmation seeds (the selection seed's
-    runs only chose an lr, and the cosine runs are the check)."""
-    return [r for r in rows if r["seed"] != settings["seed"] and r["kind"] != "cosine"]
+    """The rows of the runs that count: the runs of the folder's schedule on the confirmation seeds
+    (the selection seed's runs only chose an lr; in a wsd folder, the cosine runs are the check)."""
+    kinds = {"cosine"} if settings["schedule"] == "cosine" else {"stable", "budget"}
+    return [r for r in rows if r["seed"] != settings["seed"] and r["kind"] in kinds]
 
 
 def archs_of(rows):
@@ -450,8 +490,8 @@ def archs_of(rows):
 
 
 def budget_losses(runs, arch, budget, key="val"):
-    """[loss per seed] of arch's cooldown branches to budget, in seed order."""
-    rows = sorted((r for r in runs if r["arch"] == arch and r["kind"] == "budget" and r["budget"] == budget),
+    """[loss per seed] of arch's runs of budget (cosine runs or cooldown branches), in seed order."""
+    rows = sorted((r for r in runs if r["arch"] == arch and r["kind"] != "stable" and r["budget"] == budget),
                   key=lambda r: r["seed"])
     return [r[key] for r in rows]
 
@@ -521,11 +561,11 @@ def table_lines(settings, rows, command):
     lines = [f"# Loss curves at T = {settings['block_size']}", "", f"`{command}`" if command else "(command: see RESULTS.md)",
              "", f"Model: d{settings['model']['n_embd']}, {settings['model']['n_layer']} layers, vocab "
              f"{settings['vocab_size']}; {settings['block_size'] * settings['batch_size']:,} tokens per step; "
-             f"warmup {settings['warmup_iters']} steps, a constant lr, a linear cooldown to 0 over the last "
-             f"{settings['cooldown']:.0%} of each budget. One epoch = {epoch / 1e6:.2f}M tokens (the train split).",
+             f"warmup {settings['warmup_iters']} steps, {schedule_words(settings)}. One epoch = "
+             f"{epoch / 1e6:.2f}M tokens (the train split).",
              "", "Machines: " + "; ".join(sorted({cpu_and_precision(r) for r in rows})) + ".", ""]
     lines += ["## Val loss a run of each budget reaches", "",
-              "Each cell: the cooldown branch to that budget, mean (min-max) over the confirmation seeds"
+              "Each cell: the run of that budget, mean (min-max) over the confirmation seeds"
               + (" (* a run that continued on another machine or precision)" if moved else "") + ".", "",
               header, "|---|---|" + "---|" * len(archs)]
     for budget in budgets:
@@ -535,7 +575,7 @@ def table_lines(settings, rows, command):
             star = "*" if any((arch, r["lr"], r["seed"]) in moved for r in runs if r["arch"] == arch) else ""
             cells.append(mean_and_range(vals, ".3f") + star if vals else "-")
         lines.append(f"| {budget / 1e6:g} | {budget / epoch:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "## Train/val gap (val minus train loss on the fixed windows, at the end of each cooldown)", "",
+    lines += ["", "## Train/val gap (val minus train loss on the fixed windows, at the end of each budget's run)", "",
               "| budget (M tokens) | epochs | " + " | ".join(archs) + " |", "|---|---|" + "---|" * len(archs)]
     for budget in budgets:
         cells = []
@@ -549,10 +589,17 @@ def table_lines(settings, rows, command):
     return lines
 
 
+def schedule_words(settings):
+    if settings["schedule"] == "cosine":
+        return "then cosine to 0.1 x lr, one run per budget (train.py's schedule)"
+    return (f"a constant lr, and a linear cooldown to 0 over the last {settings['cooldown']:.0%} of each budget, "
+            "branching off the constant-lr run")
+
+
 def selection_lines(settings, rows):
     """The lr selection on the selection seed, for the archs given several lrs."""
     chosen = {(r["arch"], r["lr"]) for r in confirmed(settings, rows)}
-    picked = [r for r in rows if r["seed"] == settings["seed"] and r["kind"] == "budget"]
+    picked = [r for r in rows if r["seed"] == settings["seed"] and r["kind"] == BUDGET_KIND[settings["schedule"]]]
     if not picked:
         return []
     lines = ["", f"## lr selection (seed {settings['seed']}; val loss at each budget)", "",
@@ -570,7 +617,7 @@ def selection_lines(settings, rows):
 def cosine_lines(settings, rows):
     """The cooldown branch against a cosine run of the same budget, seed by seed."""
     cosine = [r for r in rows if r["kind"] == "cosine"]
-    if not cosine:
+    if not cosine or settings["schedule"] == "cosine":
         return []
     lines = ["", "## Cooldown branch against a cosine run of the same length", "",
              "| arch | lr | budget (M tokens) | seed | cooldown branch | cosine run | cosine minus branch |",
@@ -593,7 +640,7 @@ def predicted_loss(runs, arch, budgets, tokens):
     losses = []
     for seed in sorted({r["seed"] for r in runs if r["arch"] == arch}):
         val = {r["budget"]: r["val"] for r in runs
-               if r["arch"] == arch and r["seed"] == seed and r["kind"] == "budget"}
+               if r["arch"] == arch and r["seed"] == seed and r["kind"] != "stable"}
         measured = [B for B in budgets if B in val]
         if measured and measured[0] <= tokens <= measured[-1]:
             losses.append(float(np.interp(math.log(tokens), np.log(measured), [val[B] for B in measured])))
@@ -686,7 +733,7 @@ def summarize(args):
     fig, axes = plt.subplots(1, len(folders), figsize=(5.5 * len(folders), 4.2), sharey=True, squeeze=False)
     for ax, ((settings, rows), _) in zip(axes[0], folders):
         draw_curves(ax, settings, confirmed(settings, rows))
-    at_budgets = [r["val"] for (settings, rows), _ in folders for r in confirmed(settings, rows) if r["kind"] == "budget"]
+    at_budgets = [r["val"] for (settings, rows), _ in folders for r in confirmed(settings, rows) if r["kind"] != "stable"]
     if at_budgets:  # the first evals are near ln(vocab): show where the archs differ
         axes[0][0].set_ylim(min(at_budgets) - 0.1, max(at_budgets) + 0.4)
     axes[0][0].set_ylabel("val loss")
@@ -696,8 +743,8 @@ def summarize(args):
 
 
 def draw_curves(ax, settings, runs):
-    """One panel: per arch, the stable runs' band (min-max over seeds, light) and the loss at each
-    budget (mean, bars min-max); dotted lines where each epoch ends."""
+    """One panel: per arch, the loss at each budget (mean, and a band min-max over seeds), under
+    --schedule wsd the stable runs' band too (light); dotted lines where each epoch ends."""
     for arch in archs_of(runs):
         stable = [r for r in runs if r["arch"] == arch and r["kind"] == "stable"]
         steps = sorted({r["tokens"] for r in stable})
@@ -711,9 +758,9 @@ def draw_curves(ax, settings, runs):
         budgets = [B for B in settings["budgets"] if budget_losses(runs, arch, B)]
         if budgets:
             vals = [budget_losses(runs, arch, B) for B in budgets]
-            mean = np.array([statistics.mean(v) for v in vals])
-            ax.errorbar(np.array(budgets) / 1e6, mean, yerr=[mean - [min(v) for v in vals], [max(v) for v in vals] - mean],
-                        marker="o", ms=4, capsize=3, color=COLOURS[arch], label=arch)
+            x = np.array(budgets) / 1e6
+            ax.plot(x, [statistics.mean(v) for v in vals], marker="o", ms=4, color=COLOURS[arch], label=arch)
+            ax.fill_between(x, [min(v) for v in vals], [max(v) for v in vals], color=COLOURS[arch], alpha=0.3, lw=0)
     epoch = settings["train_tokens"] / 1e6
     top = settings["budgets"][-1] / 1e6
     for n in range(1, int(top / epoch) + 1):
@@ -737,9 +784,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="the selection seed (archs given several lrs)")
     p.add_argument("--budgets", type=parse_budgets, default=parse_budgets("0.25,0.5,1,2,4"),
                    help="millions of tokens, increasing (default 0.25,0.5,1,2,4)")
-    p.add_argument("--cooldown", type=cooldown_fraction, default=0.2, help="each budget's cooldown, a fraction of it")
+    p.add_argument("--schedule", choices=BUDGET_KIND, default="cosine",
+                   help="cosine: a run per budget; wsd: cooldown branches off one constant-lr run")
+    p.add_argument("--cooldown", type=cooldown_fraction,
+                   help="wsd: each budget's cooldown, a fraction of it (default 0.2)")
     p.add_argument("--cosine_check", type=lambda t: parse_budgets(t)[0], metavar="B",
-                   help="also cosine runs of B million tokens for the first arch, on the confirmation seeds")
+                   help="wsd: also cosine runs of B million tokens for the first arch, on the confirmation seeds")
     p.add_argument("--block_size", type=positive_int, default=128)
     p.add_argument("--batch_size", type=positive_int, default=16)
     p.add_argument("--warmup_iters", type=int, default=100)
@@ -770,6 +820,7 @@ def main(argv=None):
         if args.summary:
             return summarize(args)
         args.lr = parse_lrs(args.lr, args.archs)
+        check_schedule_flags(args)
         return curves(args, command)
     run("experiments.curves", start, args)
 

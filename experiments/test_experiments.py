@@ -497,6 +497,9 @@ BAD_EXPERIMENT_INPUTS = [
     ("compare", ["--summary", "{ws}/cut_summary", "--out_dir", "{ws}/cmp"], "cut off or not JSON"),
     ("curves", [*CURVES_WS, "--budgets", "0.0032,0.0016"], "budgets must be positive and increasing"),
     ("curves", [*CURVES_WS, "--cooldown", "1.5"], "longer than the budget it cannot be"),
+    ("curves", [*CURVES_WS, "--cooldown", "0.3"], "--cooldown has no effect with --schedule cosine"),
+    ("curves", [*CURVES_WS, "--cosine_check", "0.0032"], "--cosine_check has no effect with --schedule cosine"),
+    ("curves", [*CURVES_WS, "--schedule", "wsd"], "holds curves of other settings (schedule: cosine there, wsd here)"),
     ("curves", [*CURVES_WS, "--block_size", "8"], "holds curves of other settings (block_size: 16 there, 8 here)"),
     ("curves", [*CURVES_WS, "--out_dir", "{ws}/afile"], "is a file, not a folder"),
     ("curves", [*CURVES_WS, "--archs", "mixer", "--lr", "mixer=1e-2", "--n_head", "2"],
@@ -520,12 +523,14 @@ def test_compare_trains_each_arch_then_writes_the_table_and_curves(prepared, tmp
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as without the optional extra
     tiny = ["--data_dir", prepared, "--compile", "false", "--n_layer", 1, "--n_embd", 32, "--block_size", 32, "--batch_size", 4,
             "--eval_interval", 5, "--eval_iters", 2, "--warmup_iters", 2, "--out_dir", tmp_path]
-    # one run already half done (as if interrupted): compare must continue it, not start over
+    # one run already partly done (as if interrupted): compare must continue it, not start over. Its
+    # 0.1 s budget ends after the step that passes it, and a process's first step can take a second:
+    # compare's budget (1.8 s) leaves room for that
     run_train(*tiny[:-2], "--arch", "transformer", "--seed", 1338, "--out_dir", tmp_path / "transformer-seed1338",
-              "--max_iters", 10**9, "--max_minutes", 0.005)
+              "--max_iters", 10**9, "--max_minutes", 0.002)
     half_done = cli.load_checkpoint(tmp_path / "transformer-seed1338" / "ckpt.pt")["step"]
     capsys.readouterr()
-    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.015]])
+    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.03]])
     out = capsys.readouterr().out
     assert re.findall(r"^\[\d/4\] (\w+) seed (\d+): (\w+)", out, re.M) == [
         ("mixer", "1337", "training"), ("transformer", "1337", "training"),
@@ -542,14 +547,14 @@ def test_compare_trains_each_arch_then_writes_the_table_and_curves(prepared, tmp
     assert re.search(r"(by [\d.]+: every seed of|within the spread between seeds: no ranking)", table)
     for arch, seed in [("mixer", 1337), ("transformer", 1337), ("mixer", 1338), ("transformer", 1338)]:
         state = cli.load_checkpoint(tmp_path / f"{arch}-seed{seed}" / "ckpt.pt")
-        assert state["elapsed"] >= 0.015 * 60 and state["train_args"]["seed"] == seed
+        assert state["elapsed"] >= 0.03 * 60 and state["train_args"]["seed"] == seed
     assert cli.load_checkpoint(tmp_path / "transformer-seed1338" / "ckpt.pt")["step"] > half_done
     with open(tmp_path / "curves.csv") as f:
         curves = list(csv.DictReader(f))
     assert {(r["arch"], r["seed"]) for r in curves} == {(a, str(s)) for a in ("mixer", "transformer") for s in (1337, 1338)}
     # the same command again: nothing is retrained
     mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
-    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.015]])
+    compare.main([str(a) for a in [*tiny, "--archs", "mixer", "transformer", "--seeds", 2, "--minutes", 0.03]])
     assert "done already" in capsys.readouterr().out
     assert mtimes == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/ckpt.pt")}
 
@@ -778,14 +783,55 @@ def test_curves_killed_while_writing_resume_to_the_results_of_a_run_never_interr
         str(tmp_path / "straight"), str(tmp_path / "cut"))
 
 
-def test_a_finished_curves_run_is_not_trained_again_when_its_checkpoint_is_gone(workspace, tmp_path, monkeypatch):
-    """A new session holds the committed results.jsonl but not stable.pt: its finished runs stay done."""
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_finished_curves_run_is_not_trained_again_when_its_checkpoint_is_gone(schedule, workspace, tmp_path,
+                                                                               monkeypatch):
+    """A new session holds the committed results.jsonl but not the runs' checkpoints: its finished runs
+    stay done."""
     folder = tmp_path / "curves"
-    shutil.copytree(workspace / "curves", folder, ignore=shutil.ignore_patterns("*.pt"))
+    argv = [*TINY_CURVES, "--schedule", schedule, "--data_dir", str(workspace / "data"), "--out_dir", str(folder)]
+    if schedule == "cosine":  # the workspace's folder
+        shutil.copytree(workspace / "curves", folder)
+    else:
+        curves.main(argv)
+    for ckpt in folder.rglob("*.pt"):
+        ckpt.unlink()
     before = (folder / "results.jsonl").read_text()
     monkeypatch.setattr(curves, "Trainer", lambda *a: pytest.fail("a finished run was trained again"))
-    curves.main([*TINY_CURVES, "--data_dir", str(workspace / "data"), "--out_dir", str(folder)])
+    curves.main(argv)
     assert (folder / "results.jsonl").read_text() == before
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+def test_a_cosine_run_killed_in_the_middle_continues_from_its_checkpoint(prepared, tmp_path, capsys, monkeypatch):
+    """Killed at step 33 of its 50-step run (checkpoints every 10 steps), the rerun trains on from
+    step 30 and ends with every number of a run never interrupted; no checkpoint is left behind."""
+    argv = [*TINY_CURVES, "--log_interval", "10", "--data_dir", str(prepared)]
+    curves.main([*argv, "--out_dir", str(tmp_path / "straight")])
+    real_step = curves.Trainer.train_step
+
+    def dies_at_33(self, lr):
+        if self.job.budget == 3200 and self.step == 33:
+            raise Killed
+        return real_step(self, lr)
+    monkeypatch.setattr(curves.Trainer, "train_step", dies_at_33)
+    with pytest.raises(Killed):
+        curves.main([*argv, "--out_dir", str(tmp_path / "cut")])
+    trained = []
+
+    def counted(self, lr):
+        trained.append(self.step)
+        return real_step(self, lr)
+    monkeypatch.setattr(curves.Trainer, "train_step", counted)
+    capsys.readouterr()
+    curves.main([*argv, "--out_dir", str(tmp_path / "cut")])
+    assert "continuing from step 30" in capsys.readouterr().out
+    assert trained[:20] == list(range(30, 50))  # the rest of the killed run, not all of it again
+    assert curve_rows(tmp_path / "cut") == curve_rows(tmp_path / "straight")
+    assert not list((tmp_path / "cut").rglob("*.pt"))
 
 
 def test_a_cooldown_branch_leaves_the_stable_run_as_it_was(prepared, tmp_path):
@@ -794,6 +840,7 @@ def test_a_cooldown_branch_leaves_the_stable_run_as_it_was(prepared, tmp_path):
     at = TINY_CURVES.index("--budgets")
     base = TINY_CURVES[:at] + TINY_CURVES[at + 2:]
     both = tmp_path / "both"
+    base += ["--schedule", "wsd"]
     curves.main([*base, "--budgets", "0.0016,0.0032", "--data_dir", str(prepared), "--out_dir", str(both)])
     one = tmp_path / "one"
     curves.main([*base, "--budgets", "0.0032", "--data_dir", str(prepared), "--out_dir", str(one)])
