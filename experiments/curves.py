@@ -766,7 +766,8 @@ def draw_curves(ax, settings, runs):
     for n in range(1, int(top / epoch) + 1):
         ax.axvline(n * epoch, color="grey", ls=":", lw=1)
         ax.text(n * epoch, 1.0, f" epoch {n + 1}", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="grey")
-    ax.set(xscale="log", xlabel="tokens seen (millions; log scale)", title=f"T = {settings['block_size']}")
+    ax.set(xscale="log", xlabel="tokens seen (millions; log scale)", title=f"T = {settings['block_size']}",
+           xlim=(settings["budgets"][0] / 1.3e6, top * 1.3))
     ax.set_xticks([B / 1e6 for B in settings["budgets"]], [f"{B / 1e6:g}" for B in settings["budgets"]])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
