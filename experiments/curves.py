@@ -68,6 +68,7 @@ FIRST_EVAL = 2**15       # tokens at the stable run's first eval; then EVALS_PER
 EVALS_PER_DOUBLING = 2
 MINUTES = (3, 10, 30, 60)  # --predict's equal-time budgets
 BUDGET_KIND = {"cosine": "cosine", "wsd": "budget"}  # the rows of the loss a run of each budget reaches
+WSD_COOLDOWN = 0.2       # --schedule wsd: each budget's cooldown, a fraction of it
 
 
 class Job(NamedTuple):
@@ -317,7 +318,7 @@ def jobs_and_selection(args, store):
         lrs = args.lr[arch]
         if len(lrs) > 1:
             for lr in lrs:  # cosine: the largest budget's run only, where the lr is chosen
-                yield Job(arch, lr, args.seed, args.schedule, largest if args.schedule == "cosine" else None)
+                yield from runs_of(args.schedule, arch, lr, args.seed, [largest])
             chosen[arch] = best_lr(store_rows(args.out_dir), BUDGET_KIND[args.schedule], arch, lrs, args.seed,
                                    largest)
             print(f"{arch}: lr {chosen[arch]:g} is best of {', '.join(f'{lr:g}' for lr in lrs)} on seed "
@@ -326,13 +327,17 @@ def jobs_and_selection(args, store):
             chosen[arch] = lrs[0]
     for seed in seeds:
         for arch in args.archs:
-            if args.schedule == "cosine":
-                yield from (Job(arch, chosen[arch], seed, "cosine", budget) for budget in args.budgets)
-            else:
-                yield Job(arch, chosen[arch], seed)
+            yield from runs_of(args.schedule, arch, chosen[arch], seed, args.budgets)
     if args.cosine_check:
         for seed in seeds:
             yield Job(args.archs[0], chosen[args.archs[0]], seed, "cosine", args.cosine_check)
+
+
+def runs_of(schedule, arch, lr, seed, budgets):
+    """The jobs that measure budgets: a cosine run each, or one stable run whose branches reach them all."""
+    if schedule == "cosine":
+        return [Job(arch, lr, seed, "cosine", budget) for budget in budgets]
+    return [Job(arch, lr, seed)]
 
 
 def best_lr(rows, kind, arch, lrs, seed, budget):
@@ -439,7 +444,7 @@ def check_schedule_flags(args):
             raise UserError(f"--{given[0]} has no effect with --schedule cosine (each budget is a cosine run of "
                             "its own): drop it, or give --schedule wsd")
     elif args.cooldown is None:
-        args.cooldown = 0.2
+        args.cooldown = WSD_COOLDOWN
 
 
 def parse_budgets(text):
@@ -481,7 +486,7 @@ def read_settings(path):
 def confirmed(settings, rows):
     """The rows of the runs that count: the runs of the folder's schedule on the confirmation seeds
     (the selection seed's runs only chose an lr; in a wsd folder, the cosine runs are the check)."""
-    kinds = {"cosine"} if settings["schedule"] == "cosine" else {"stable", "budget"}
+    kinds = {BUDGET_KIND[settings["schedule"]]} | ({"stable"} if settings["schedule"] == "wsd" else set())
     return [r for r in rows if r["seed"] != settings["seed"] and r["kind"] in kinds]
 
 
@@ -788,7 +793,7 @@ def main(argv=None):
     p.add_argument("--schedule", choices=BUDGET_KIND, default="cosine",
                    help="cosine: a run per budget; wsd: cooldown branches off one constant-lr run")
     p.add_argument("--cooldown", type=cooldown_fraction,
-                   help="wsd: each budget's cooldown, a fraction of it (default 0.2)")
+                   help=f"wsd: each budget's cooldown, a fraction of it (default {WSD_COOLDOWN:g})")
     p.add_argument("--cosine_check", type=lambda t: parse_budgets(t)[0], metavar="B",
                    help="wsd: also cosine runs of B million tokens for the first arch, on the confirmation seeds")
     p.add_argument("--block_size", type=positive_int, default=128)
